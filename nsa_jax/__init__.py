@@ -1,0 +1,5 @@
+"""nsa-jax: DeepSeek's Native Sparse Attention in JAX/Flax (functional ops, module, trainer)."""
+from nsa_jax.config import NSAConfig
+
+__version__ = "0.1.0"
+__all__ = ["NSAConfig", "__version__"]
