@@ -3,6 +3,7 @@ errors that say which key or value was wrong and what the valid keys are."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 
 import ml_collections
@@ -18,10 +19,11 @@ def parse_train_args(argv: list[str], prog: str = "nsa-train"):
     """[--config FILE, --workdir DIR, --config.key=value ...] -> (ConfigDict, workdir).
     The workdir defaults to runs/<config file name without .py>."""
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Python file whose get_config() returns the "
-                                    "run's ConfigDict", flag_values=values, lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory (default runs/NAME)", flag_values=values)
-    config = _parse(values, argv, prog)
+    define = lambda: config_flags.DEFINE_config_file(
+        "config", None, "Python file whose get_config() returns the run's ConfigDict",
+        flag_values=values, lock_config=True, sys_argv=[prog, *argv])
+    config = _parse(values, define, argv, prog, lambda: _load_file(argv))
     path = values["config"].config_filename if values["config"].present else None
     if path is None:
         raise ValueError(f"{prog} needs --config FILE (e.g. --config configs/tiny.py)")
@@ -36,22 +38,27 @@ def parse_eval_args(argv: list[str], prog: str = "nsa-eval"):
     parser.add_argument("--workdir", required=True)
     known, rest = parser.parse_known_args(argv)
     values = flags.FlagValues()
-    config_flags.DEFINE_config_dict("config", _frozen_tuples(load_config(known.workdir)),
-                                    flag_values=values, lock_config=True)
-    return _parse(values, rest, prog), known.workdir
+    stored = _frozen_tuples(load_config(known.workdir))
+    define = lambda: config_flags.DEFINE_config_dict(
+        "config", stored, flag_values=values, lock_config=True, sys_argv=[prog, *rest])
+    return _parse(values, define, rest, prog, lambda: stored), known.workdir
 
 
-def _parse(values: flags.FlagValues, argv: list[str], prog: str):
+def _parse(values: flags.FlagValues, define, argv: list[str], prog: str, original):
+    """define() the config flag in `values` and parse argv; original() -> the config before
+    overrides, to explain errors (overrides may fail in either call)."""
     try:
+        define()
         rest = values([prog, *argv])
         config = values.config
-    except OSError as error:  # the config file could not be loaded
-        raise FileNotFoundError(f"{prog}: {error}") from None
+        if config is not None and not isinstance(config, ml_collections.ConfigDict):
+            config.keys()  # a config file that failed to load raises its OSError on first use
+    except OSError as error:
+        raise FileNotFoundError(str(error)) from None
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        loaded = values["config"].value
-        raise ValueError(_unknown_key(loaded, argv) or f"{prog}: {error}") from None
+        raise ValueError(_unknown_key(original(), argv) or str(error)) from None
     if len(rest) > 1:
-        raise ValueError(f"{prog}: unexpected arguments {rest[1:]}; expected --config FILE, "
+        raise ValueError(f"unexpected arguments {rest[1:]}; expected --config FILE, "
                          "--workdir DIR and --config.key=value overrides")
     return config
 
@@ -72,6 +79,17 @@ def _unknown_key(config, argv: list[str]) -> str | None:
                         f"keys of {where}: {valid}")
             node = node[key]
     return None
+
+
+def _load_file(argv: list[str]):
+    """The config file named by --config in argv, loaded without overrides."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    spec = importlib.util.spec_from_file_location("nsa_config",
+                                                  parser.parse_known_args(argv)[0].config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _frozen_tuples(value):

@@ -46,8 +46,12 @@ class Trainer:
         model = build_model(run.model, run.train.seed)
         optimizer = nnx.Optimizer(model, make_optimizer(run.optimizer, steps), wrt=nnx.Param)
         self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        model_def, self.model_state = nnx.split(model)
-        opt_def, self.opt_state = nnx.split(optimizer)
+        model_def, model_state = nnx.split(model)
+        opt_def, opt_state = nnx.split(optimizer)
+        # checkpoints restore committed arrays; committing fresh ones too makes a started and a
+        # resumed run compile (and cache) the very same step
+        self.model_state, self.opt_state = jax.device_put((model_state, opt_state),
+                                                          jax.devices()[0])
         self.train_step = make_train_step(model_def, opt_def)
         self.eval_step = make_eval_step(model_def)
         self.checkpointer = Checkpointer(workdir, run.train.max_to_keep)

@@ -57,7 +57,8 @@ def plot_losses(records: list[dict], path, title: str) -> None:
             ax.plot(*zip(*points), style, label=label, markersize=4)
     ax.set(xlabel="step", ylabel="loss (nats / byte)", title=title, yscale="log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -32,8 +32,8 @@ def package_versions() -> dict:
 
 def prepare_workdir(workdir, config: dict) -> None:
     """Create the workdir and record the config. If it already holds a run, refuse a config whose
-    model or data section differs (its checkpoints would not fit) and warn about other changes."""
-    workdir = pathlib.Path(workdir)
+    model section differs (its checkpoints would not fit) and warn about other changes."""
+    workdir, config = pathlib.Path(workdir), json.loads(json.dumps(config))  # tuples as lists
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
     if path.exists():
