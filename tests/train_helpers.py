@@ -1,9 +1,10 @@
 """The real configs/tiny.py shrunk to seconds, as in-process config and as command-line overrides."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
+
+from nsa_jax.train import load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.py"
@@ -20,10 +21,7 @@ SHRINK = {
 
 def tiny_config(**changes):
     """configs/tiny.py's get_config() with SHRINK and `changes` (dotted keys) applied."""
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(TINY)
     for key, value in {**SHRINK, **changes}.items():
         *path, leaf = key.split(".")
         node = config

@@ -81,15 +81,19 @@ def _unknown_key(config, argv: list[str]) -> str | None:
     return None
 
 
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """get_config() of a config file (configs build on each other with it)."""
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def _load_file(argv: list[str]):
     """The config file named by --config in argv, loaded without overrides."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")
-    spec = importlib.util.spec_from_file_location("nsa_config",
-                                                  parser.parse_known_args(argv)[0].config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(parser.parse_known_args(argv)[0].config)
 
 
 def _frozen_tuples(value):
