@@ -1,13 +1,14 @@
 """Tiny NSA language model on Shakespeare, for a CPU: the README's main job.
 
-Run (about 3-4 minutes on 2 CPU cores, compilation included):
+Run (under 5 minutes on 2 CPU cores, compilation included: 4m40s wall, 2m24s of CPU time,
+measured on a 2-core machine shared with other jobs):
     nsa-train --config configs/tiny.py                 # or: python -m nsa_jax.train --config ...
     nsa-eval --workdir runs/tiny                       # loss by context length, passkey grid
 
 Produces runs/tiny/{metrics.jsonl, loss.png, config.json, run_info.json, checkpoints/}. The
-validation loss (nats per byte) falls from ln(259) ~ 5.6 at step 0 to about 2.5 by the last step;
-the log lines print it at every evaluation. Re-running the command resumes (or, when finished,
-only reports). Override anything with --config.key=value, e.g. --config.steps=50.
+validation loss (nats per byte) falls from about 6.1 at step 0 to about 2.0 at step 150; a log
+line every 10 steps and an eval line every 50. Re-running the command resumes (or, when
+finished, only reports). Override anything with --config.key=value, e.g. --config.steps=50.
 
 Sizes: a 2-layer model (d_model 128, 4 query heads sharing 1 KV head of dim 32) on 256-byte
 windows. The NSA hyper-parameters are scaled down with T so that selection really selects: with
@@ -25,11 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "tiny"
     c.seed = 0
-    c.steps = 200
+    c.steps = 150
     c.log_every = 10
     c.eval_every = 50
     c.eval_batches = 4
-    c.checkpoint_every = 100
+    c.checkpoint_every = 50
     c.max_to_keep = 2
 
     c.data = ml_collections.ConfigDict(dict(

@@ -42,6 +42,7 @@ def train(config, workdir) -> dict:
 class Trainer:
     def __init__(self, run: RunConfig, workdir: pathlib.Path):
         self.run, self.workdir, steps = run, workdir, run.train.steps
+        self._started = time.perf_counter()
         self.schedule = learning_rate_schedule(run.optimizer, steps)
         model = build_model(run.model, run.train.seed)
         optimizer = nnx.Optimizer(model, make_optimizer(run.optimizer, steps), wrt=nnx.Param)
@@ -71,7 +72,7 @@ class Trainer:
         if self.step == 0:
             self._evaluate()
         self._first_step, self._window = self.step + 1, 0
-        self._clock = self._started = time.perf_counter()
+        self._clock = time.perf_counter()
         with catch_stop_signals() as signals:
             pending = None
             for step in range(self.step + 1, t.steps + 1):
@@ -151,8 +152,8 @@ class Trainer:
         last = {kind: next((r for r in reversed(records) if key in r), {})
                 for kind, key in (("train", "loss"), ("eval", "val_loss"))}
         self.progress.line(
-            f"done: step {self.step}, {time.perf_counter() - self._started:.0f} s in this "
-            f"process; train loss {last['train'].get('loss', math.nan):.4f}, val_loss "
+            f"done: step {self.step}, {time.perf_counter() - self._started:.0f} s since the model "
+            f"was built; train loss {last['train'].get('loss', math.nan):.4f}, val_loss "
             f"{last['eval'].get('val_loss', math.nan):.4f}\n  metrics {self.log.path}\n  plot "
             f"{self.workdir / 'loss.png'}\n  checkpoints {self.workdir / 'checkpoints'}")
         return {"step": self.step, **last}

@@ -49,6 +49,7 @@ def plot_losses(records: list[dict], path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label, style in (("loss", "train", "-"), ("val_loss", "validation", "o-")):
@@ -56,6 +57,8 @@ def plot_losses(records: list[dict], path, title: str) -> None:
         if points:
             ax.plot(*zip(*points), style, label=label, markersize=4)
     ax.set(xlabel="step", ylabel="loss (nats / byte)", title=title, yscale="log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend()
