@@ -12,7 +12,8 @@ from model_testing import TINY_NSA, tiny_config
 from nsa_jax import ops
 from nsa_jax.config import ModelConfig, NSAConfig
 from nsa_jax.layers import (DenseAttention, LinearCompressor, MeanCompressor, MLPCompressor,
-                            NSAAttention, apply_rope, document_ids, document_positions)
+                            NSAAttention, apply_rope, document_positions,
+                            same_document_mask)
 from nsa_jax.layers.projections import split_heads
 
 PACKED_SEGMENTS = jnp.array([[4] * 9 + [7] * 13 + [4] * 2, [1] * 24])  # 9 + 13 + 2 | one document
@@ -32,8 +33,9 @@ def test_rope_scores_depend_on_offset_only():
 
 def test_documents_are_runs_of_equal_ids():
     seg = jnp.array([[5, 5, 7, 7, 7, 5]])
-    np.testing.assert_array_equal(document_ids(seg), [[0, 0, 1, 1, 1, 2]])
     np.testing.assert_array_equal(document_positions(seg, 1, 6), [[0, 1, 0, 1, 2, 0]])
+    doc = np.array([0, 0, 1, 1, 1, 2])
+    np.testing.assert_array_equal(same_document_mask(seg)[0, 0], doc[:, None] == doc[None, :])
     np.testing.assert_array_equal(document_positions(None, 2, 3), [[0, 1, 2]] * 2)
 
 
