@@ -72,12 +72,6 @@ def check_compressed_args(q, k_cmp, v_cmp, cfg, segment_ids):
     return dims
 
 
-def empty_compressed_output(q, v_cmp):
-    b, t, hq, _ = q.shape
-    return (jnp.zeros((b, t, hq, v_cmp.shape[-1]), q.dtype),
-            jnp.full((b, t, hq), -jnp.inf, jnp.float32))
-
-
 def grouped_logits(q_c, k_c, scale):
     """q [B, C, Hq, D] against per-KV-head keys k [B, S, Hkv, D] -> [B, Hkv, G, C, S]."""
     b, c, hq, dk = q_c.shape
@@ -88,8 +82,6 @@ def grouped_logits(q_c, k_c, scale):
 
 @dispatch.register("compressed_attention", "xla")
 def _compressed_attention_xla(q, k_cmp, v_cmp, cfg, segment_ids, scale):
-    if k_cmp.shape[1] == 0:
-        return empty_compressed_output(q, v_cmp)
     b, t, hq, _ = q.shape
     cd = compute_dtype(q)
     start = layout.compressed_layout(segment_ids, b, t, cfg).start

@@ -18,7 +18,7 @@ def compute_dtype(*arrays):
 def masked_softmax_stats(logits, mask):
     """Returns (unnormalised probabilities, row sums, row maxima made finite) over the last axis."""
     masked = jnp.where(mask, logits, -jnp.inf)
-    row_max = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
+    row_max = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.exp(masked - row_max)
     return p, jnp.sum(p, axis=-1, keepdims=True), row_max

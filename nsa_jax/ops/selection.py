@@ -78,8 +78,6 @@ def _score_inputs(q, k_cmp, lse, cfg, segment_ids):
 def _block_scores_xla(q, k_cmp, lse, cfg, segment_ids, scale):
     b, t, _, _ = q.shape
     num_blocks = cfg.num_blocks(t)
-    if k_cmp.shape[1] == 0:
-        return jnp.zeros((b, t, k_cmp.shape[2], num_blocks), jnp.float32)
     per_query, shared, _ = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
     fn = lambda xs, sh: (_scores_chunk(xs, sh, cfg, scale, num_blocks).astype(jnp.float32),)
     return map_query_chunks(fn, per_query, shared)[0]
@@ -145,9 +143,6 @@ def _select_fused_xla(q, k_cmp, lse, cfg, segment_ids, scale):
     """block_scores + select_blocks per query chunk, so [T, NB] scores never exist at once."""
     b, t, _, _ = q.shape
     num_blocks = cfg.num_blocks(t)
-    if k_cmp.shape[1] == 0:
-        return select_blocks(jnp.zeros((b, t, k_cmp.shape[2], num_blocks), jnp.float32), cfg,
-                             segment_ids=segment_ids, implementation="xla")
     per_query, shared, doc_start = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
 
     def fn(xs, sh):
