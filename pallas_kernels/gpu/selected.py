@@ -101,7 +101,8 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     if qb not in (1, 2, 4, 8, 16):
         raise ValueError(f"queries_per_program must be a power of 2 <= 16, got {qb}")
     dkp, dvp = _pow2(dk), _pow2(dv)
-    bwd_rows = 256 if max(dkp, dvp) <= 128 else 128
+    # dK/dV gathers ~64 KiB of query rows per step: more overflows shared memory on an H100.
+    bwd_rows = max(_MIN_ROWS, 65536 // (max(dkp, dvp) * q.dtype.itemsize))
     per_step = entries_per_step or max(1, bwd_rows // (qb * gp))
     aligned = doc_start is None
     tiling = Tiling(block=block, qb=qb, gp=gp,
