@@ -101,9 +101,13 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     if qb not in (1, 2, 4, 8, 16):
         raise ValueError(f"queries_per_program must be a power of 2 <= 16, got {qb}")
     dkp, dvp = _pow2(dk), _pow2(dv)
-    # dK/dV gathers ~64 KiB of query rows per step: more overflows shared memory on an H100.
-    bwd_rows = max(_MIN_ROWS, 65536 // (max(dkp, dvp) * q.dtype.itemsize))
+    # dK/dV gathers q and dO rows per step; float32 needs extra staging for its TF32 dots. These
+    # budgets fit the H100's 227 KiB of shared memory (128 f32 rows of D=128 asked for 355 KiB).
+    budget = 2**17 if q.dtype.itemsize == 2 else 2**16
+    bwd_rows = max(_MIN_ROWS, _pow2(budget // ((dkp + dvp) * q.dtype.itemsize) + 1) // 2)
     per_step = entries_per_step or max(1, bwd_rows // (qb * gp))
+    if per_step & (per_step - 1):
+        raise ValueError(f"entries_per_step must be a power of 2, got {per_step}")
     aligned = doc_start is None
     tiling = Tiling(block=block, qb=qb, gp=gp,
                     scale=float(dk ** -0.5 if scale is None else scale), num_kv_heads=hkv,
