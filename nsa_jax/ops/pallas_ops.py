@@ -1,0 +1,2 @@
+"""Registers the Pallas kernels that exist with the dispatcher (imported lazily, on first use of
+implementation="pallas"). Ops without a kernel fall back to xla in `dispatch.run`."""

@@ -1,0 +1,129 @@
+"""The dense-mask oracle: NSA written as plainly as possible, in float32 (float64 under x64), with
+O(T^2) memory. It is the spec in code and the yardstick of every other implementation — small T
+only. Every mask is built as a full [T, keys] table from positions, independently of the chunked
+gathers of the xla implementation; only the document layout and the NaN-safe softmax are shared.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.ops import dispatch, layout
+from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
+
+
+def _f(x):
+    return x.astype(compute_dtype(x))
+
+
+def _same_document(segment_ids, b, t):
+    """[B, T, T] bool: query and key lie in the same document."""
+    doc = layout.document_starts(segment_ids, b, t)
+    return doc[:, :, None] == doc[:, None, :]
+
+
+def _attend(q, k, v, mask_bhts, scale):
+    """Grouped softmax attention under an explicit mask [B, Hkv or 1, T, S] -> (o, lse [B,T,Hq])."""
+    b, t, hq, _ = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    logits = jnp.einsum("bthd,bshd->bhts", _f(q), jnp.repeat(_f(k), g, axis=2),
+                        precision="highest") * scale
+    mask = jnp.repeat(mask_bhts, g, axis=1) if mask_bhts.shape[1] == hkv else mask_bhts
+    probs, lse = normalise(*masked_softmax_stats(logits, mask))
+    o = jnp.einsum("bhts,bshd->bthd", probs, jnp.repeat(_f(v), g, axis=2), precision="highest")
+    return o.astype(q.dtype), jnp.moveaxis(lse[..., 0], 1, 2).astype(jnp.float32)
+
+
+def _slot_windows(segment_ids, b, t, cfg):
+    """[B, Tc, T] bool: raw tokens covered by each compressed slot."""
+    start = layout.compressed_layout(segment_ids, b, t, cfg).start[:, :, None]
+    tok = jnp.arange(t)
+    return (start >= 0) & (tok >= start) & (tok < start + cfg.compress_block)
+
+
+@dispatch.register("compress", "reference")
+def compress(x, cfg, segment_ids):
+    b, t = x.shape[:2]
+    weights = _slot_windows(segment_ids, b, t, cfg).astype(compute_dtype(x)) / cfg.compress_block
+    return jnp.einsum("bct,bthd->bchd", weights, _f(x), precision="highest").astype(x.dtype)
+
+
+def _compressed_mask(segment_ids, b, t, cfg):
+    """[B, T, Tc] bool: slot entirely inside the query's document and ending at or before it."""
+    windows = _slot_windows(segment_ids, b, t, cfg)  # [B, Tc, T]
+    same = _same_document(segment_ids, b, t)  # [B, Tq, Tk]
+    tok = jnp.arange(t)
+    inside = jnp.all(~windows[:, None] | (same[:, :, None] & (tok <= tok[:, None])[None, :, None]),
+                     axis=-1)
+    return inside & jnp.any(windows, axis=-1)[:, None]
+
+
+@dispatch.register("compressed_attention", "reference")
+def compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids, scale):
+    b, t = q.shape[:2]
+    mask = _compressed_mask(segment_ids, b, t, cfg)[:, None]
+    return _attend(q, k_cmp, v_cmp, mask, scale)
+
+
+def overlap_weights(cfg, num_blocks: int):
+    """[i, j]: stride-d chunks shared by compressed token i and selection block j (interval overlap
+    of [i*d, i*d + l) and [j*l', (j+1)*l') divided by d)."""
+    i = jnp.arange(-(-num_blocks * cfg.select_block // cfg.compress_stride))[:, None]
+    j = jnp.arange(num_blocks)[None, :]
+    lo = jnp.maximum(i * cfg.compress_stride, j * cfg.select_block)
+    hi = jnp.minimum(i * cfg.compress_stride + cfg.compress_block, (j + 1) * cfg.select_block)
+    return jnp.maximum(hi - lo, 0) // cfg.compress_stride
+
+
+@dispatch.register("block_scores", "reference")
+def block_scores(q, k_cmp, lse, cfg, segment_ids, scale):
+    b, t, hq, _ = q.shape
+    hkv = k_cmp.shape[2]
+    num_blocks = cfg.num_blocks(t)
+    logits = jnp.einsum("bthd,bshd->bths", _f(q), jnp.repeat(_f(k_cmp), hq // hkv, axis=2),
+                        precision="highest") * scale
+    mask = _compressed_mask(segment_ids, b, t, cfg)[:, :, None] & jnp.isfinite(lse)[..., None]
+    probs = jnp.where(mask, jnp.exp(logits - jnp.where(mask, lse[..., None], 0.0)), 0.0)
+    index = layout.compressed_layout(segment_ids, b, t, cfg).index  # [B, Tc]
+    table = overlap_weights(cfg, num_blocks)
+    weights = jnp.where((index >= 0)[..., None], table[jnp.maximum(index, 0)], 0)  # [B, Tc, NB]
+    per_head = jnp.einsum("bths,bsn->bthn", probs, weights.astype(probs.dtype), precision="highest")
+    return per_head.reshape(b, t, hkv, hq // hkv, num_blocks).sum(3).astype(jnp.float32)
+
+
+@dispatch.register("select_blocks", "reference")
+def select_blocks(scores, local_pos, cfg):
+    from nsa_jax.ops.selection import candidate_scores, finalize_indices, pad_blocks_to
+    cand = pad_blocks_to(candidate_scores(scores, local_pos, cfg), cfg.num_selected)
+    order = jnp.argsort(-cand, axis=-1, stable=True)[..., :cfg.num_selected]
+    return finalize_indices(order, jnp.take_along_axis(cand, order, axis=-1))
+
+
+@dispatch.register("select", "reference")
+def select(q, k_cmp, lse, cfg, segment_ids, scale):
+    stop = jax.lax.stop_gradient
+    scores = block_scores(stop(q), stop(k_cmp), stop(lse), cfg, segment_ids, scale)
+    b, t = q.shape[:2]
+    local_pos = jnp.arange(t) - layout.document_starts(segment_ids, b, t)
+    return select_blocks(scores, local_pos, cfg)
+
+
+@dispatch.register("selected_attention", "reference")
+def selected_attention(q, k, v, indices, cfg, segment_ids, scale):
+    b, t = q.shape[:2]
+    doc = layout.document_starts(segment_ids, b, t)
+    key_block = (jnp.arange(t) - doc) // cfg.select_block  # [B, Tk]
+    chosen = jnp.any(indices[..., None] == jnp.arange(cfg.num_blocks(t)), axis=-2)  # [B,T,Hkv,NB]
+    picked = jnp.take_along_axis(chosen, key_block[:, None, None, :], axis=-1)  # [B,Tq,Hkv,Tk]
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    mask = picked & (_same_document(segment_ids, b, t) & causal)[:, :, None]
+    return _attend(q, k, v, jnp.moveaxis(mask, 2, 1), scale)[0]
+
+
+@dispatch.register("window_attention", "reference")
+def window_attention(q, k, v, cfg, segment_ids, scale):
+    b, t = q.shape[:2]
+    dist = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+    mask = _same_document(segment_ids, b, t) & (dist >= 0) & (dist < cfg.window)
+    return _attend(q, k, v, mask[:, None], scale)[0]

@@ -1,0 +1,204 @@
+"""Selection branch: block importance from the compressed attention, top-n block choice with
+forced blocks, and attention over the chosen blocks."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.ops import dispatch, layout, validation
+from nsa_jax.ops.chunking import map_query_chunks, positions
+from nsa_jax.ops.compression import check_compressed_args, grouped_logits
+from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
+
+
+def block_scores(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None,
+                 implementation=None):
+    """Importance of every selection block for every query: [B, T, Hkv, ceil(T / l')] float32.
+
+    The compressed branch's softmax probabilities (normalised with its `lse`) mapped onto
+    selection blocks by overlap — compressed token i adds p_i times the number of stride-d chunks
+    it shares with the block (weights 1, 2, 2, 2, 1 for l=32, d=16, l'=64) — and summed over the G
+    query heads of each KV head. Blocks are counted from the query's document start.
+    """
+    dims = check_compressed_args(q, k_cmp, k_cmp, cfg, segment_ids)
+    validation.expect_shape("lse", lse, (dims.batch, dims.length, dims.q_heads), "[B, T, Hq]")
+    return dispatch.run("block_scores", implementation, q, k_cmp, lse.astype(jnp.float32), cfg,
+                        segment_ids, validation.default_scale(scale, q.shape[-1]))
+
+
+def _compressed_probs(q_c, pos_c, doc_c, lse_c, k_c, start, cfg, scale):
+    """Compressed-branch probabilities summed over each KV head's group: [B, Hkv, C, Tc]."""
+    logits = grouped_logits(q_c, k_c, scale)  # [B, Hkv, G, C, Tc]
+    b, hkv, g, c, _ = logits.shape
+    lse_c = jnp.moveaxis(lse_c.reshape(b, c, hkv, g), 1, 3)[..., None]
+    visible = layout.compressed_visible(start, pos_c, doc_c, cfg)[:, None, None]
+    visible &= jnp.isfinite(lse_c)
+    probs = jnp.exp(jnp.where(visible, logits - jnp.where(visible, lse_c, 0.0), -jnp.inf))
+    return jnp.sum(probs, axis=2)
+
+
+def _overlap_to_blocks(probs, index, cfg: NSAConfig, num_blocks: int):
+    """Map probabilities over compressed slots [B, H, C, Tc] to selection blocks [B, H, C, NB].
+
+    Slot probabilities are first placed at their document-relative index i (slots of other
+    documents carry zero probability), then spread over the l/d stride chunks token i covers, and
+    the chunks are summed per selection block (l'/d chunks each).
+    """
+    l, d, lp = cfg.compress_block, cfg.compress_stride, cfg.select_block
+    width = num_blocks * (lp // d)
+    target = jnp.where(index >= 0, index, width)  # padding slots are dropped
+
+    def place(p_b, idx_b):
+        return jnp.zeros(p_b.shape[:-1] + (width,), p_b.dtype).at[..., idx_b].add(p_b, mode="drop")
+
+    local = jax.vmap(place)(probs, target)
+    chunks = sum(jnp.pad(local, [(0, 0)] * 3 + [(n, 0)])[..., :width] for n in range(l // d))
+    return chunks.reshape(*chunks.shape[:-1], num_blocks, lp // d).sum(-1)
+
+
+def _scores_chunk(xs, shared, cfg, scale, num_blocks):
+    q_c, pos_c, doc_c, lse_c = xs
+    k_c, start, index = shared
+    probs = _compressed_probs(q_c.astype(k_c.dtype), pos_c, doc_c, lse_c, k_c, start, cfg, scale)
+    return jnp.moveaxis(_overlap_to_blocks(probs, index, cfg, num_blocks), 1, 2)
+
+
+def _score_inputs(q, k_cmp, lse, cfg, segment_ids):
+    b, t = q.shape[:2]
+    lay = layout.compressed_layout(segment_ids, b, t, cfg)
+    doc_start = layout.document_starts(segment_ids, b, t)
+    cd = compute_dtype(q)
+    stop = jax.lax.stop_gradient
+    per_query = (stop(q), positions(b, t), doc_start, stop(lse))
+    return per_query, (stop(k_cmp).astype(cd), lay.start, lay.index), doc_start
+
+
+@dispatch.register("block_scores", "xla")
+def _block_scores_xla(q, k_cmp, lse, cfg, segment_ids, scale):
+    b, t, _, _ = q.shape
+    num_blocks = cfg.num_blocks(t)
+    per_query, shared, _ = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
+    fn = lambda xs, sh: (_scores_chunk(xs, sh, cfg, scale, num_blocks).astype(jnp.float32),)
+    return map_query_chunks(fn, per_query, shared)[0]
+
+
+def candidate_scores(scores, local_pos, cfg: NSAConfig):
+    """Scores with causality and forced blocks applied: blocks after the query's block -> -inf,
+    the first num_init_blocks and the num_local_blocks ending at the query's block -> +inf."""
+    block = jnp.arange(scores.shape[-1])
+    current = (local_pos // cfg.select_block)[:, :, None, None]
+    valid = block <= current
+    forced = valid & ((block < cfg.num_init_blocks) | (block > current - cfg.num_local_blocks))
+    return jnp.where(forced, jnp.inf, jnp.where(valid, scores, -jnp.inf))
+
+
+def finalize_indices(chosen, chosen_scores):
+    """Slots that only found -inf (fewer valid blocks than n) become -1; ascending order, -1 last."""
+    big = jnp.iinfo(jnp.int32).max
+    chosen = jnp.where(chosen_scores == -jnp.inf, big, chosen.astype(jnp.int32))
+    chosen = jnp.sort(chosen, axis=-1)
+    return jnp.where(chosen == big, -1, chosen)
+
+
+def pad_blocks_to(scores, n: int):
+    short = n - scores.shape[-1]
+    if short <= 0:
+        return scores
+    return jnp.pad(scores, [(0, 0)] * 3 + [(0, short)], constant_values=-jnp.inf)
+
+
+def _top_n(scores, local_pos, cfg):
+    cand = pad_blocks_to(candidate_scores(scores, local_pos, cfg), cfg.num_selected)
+    values, chosen = jax.lax.top_k(cand, cfg.num_selected)  # ties: lower index first
+    return finalize_indices(chosen, values)
+
+
+def select_blocks(scores, cfg: NSAConfig, *, segment_ids=None, implementation=None):
+    """Top-n selection blocks per query and KV head: [B, T, Hkv, n] int32.
+
+    Only blocks up to the query's own (document-relative) block are candidates; block 0..
+    num_init_blocks-1 and the num_local_blocks blocks ending at the query's block are always
+    chosen and count toward n; ties go to the lower block index; unused slots are -1. Indices come
+    sorted ascending with the -1 slots last.
+    """
+    validation.check_config(cfg)
+    if not hasattr(scores, "dtype") or len(scores.shape) != 4 \
+            or not jnp.issubdtype(scores.dtype, jnp.floating):
+        raise ValueError(f"scores must be a floating array [B, T, Hkv, NB], got "
+                         f"{getattr(scores, 'shape', type(scores).__name__)}")
+    b, t, hkv, _ = scores.shape
+    validation.expect_shape("scores", scores, (b, t, hkv, cfg.num_blocks(t)),
+                            "[B, T, Hkv, ceil(T / select_block)]")
+    validation.check_segment_ids(segment_ids, b, t)
+    local_pos = positions(b, t) - layout.document_starts(segment_ids, b, t)
+    return dispatch.run("select_blocks", implementation, scores.astype(jnp.float32), local_pos, cfg)
+
+
+dispatch.register("select_blocks", "xla")(_top_n)
+
+
+@dispatch.register("select", "xla")
+def _select_fused_xla(q, k_cmp, lse, cfg, segment_ids, scale):
+    """block_scores + select_blocks per query chunk, so [T, NB] scores never exist at once."""
+    b, t, _, _ = q.shape
+    num_blocks = cfg.num_blocks(t)
+    per_query, shared, doc_start = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
+
+    def fn(xs, sh):
+        scores = _scores_chunk(xs, sh, cfg, scale, num_blocks)
+        return (_top_n(scores, xs[1] - xs[2], cfg),)
+
+    return map_query_chunks(fn, per_query, shared)[0]
+
+
+def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, scale=None,
+                       implementation=None):
+    """Attention of each query over the tokens of its selected blocks: [B, T, Hq, Dv].
+
+    indices [B, T, Hkv, n] int (from `select_blocks`): block j of the query's document covers its
+    tokens [j*l', (j+1)*l' - 1]; keys after the query are masked; negative slots are skipped and a
+    repeated block counts once. All G query heads of a KV head share its blocks.
+    """
+    validation.check_config(cfg)
+    dims = validation.check_qkv(q, k, v)
+    validation.check_indices(indices, dims)
+    validation.check_segment_ids(segment_ids, dims.batch, dims.length)
+    return dispatch.run("selected_attention", implementation, q, k, v, indices.astype(jnp.int32),
+                        cfg, segment_ids, validation.default_scale(scale, dims.dk))
+
+
+def _first_occurrence(indices):
+    """[..., n] bool: slot holds a non-negative block not already held by an earlier slot."""
+    n = indices.shape[-1]
+    earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)
+    repeated = jnp.any((indices[..., :, None] == indices[..., None, :]) & earlier, axis=-1)
+    return (indices >= 0) & ~repeated
+
+
+@dispatch.register("selected_attention", "xla")
+def _selected_attention_xla(q, k, v, indices, cfg, segment_ids, scale):
+    b, t, hq, _ = q.shape
+    hkv = k.shape[2]
+    lp = cfg.select_block
+    cd = compute_dtype(q)
+    doc_start = layout.document_starts(segment_ids, b, t)
+
+    def chunk(xs, shared):
+        q_c, pos_c, doc_c, idx_c = xs
+        k_h, v_h = shared  # [B, Hkv, T, D]
+        c, n = idx_c.shape[1], idx_c.shape[3]
+        key = doc_c[:, :, None, None, None] + idx_c[..., None] * lp + jnp.arange(lp)
+        use = _first_occurrence(idx_c)[..., None] & (key <= pos_c[:, :, None, None, None])
+        rows = jnp.moveaxis(jnp.clip(key, 0, t - 1), 2, 1).reshape(b, hkv, c * n * lp, 1)
+        k_g = jnp.take_along_axis(k_h, rows, axis=2).reshape(b, hkv, c, n * lp, -1)
+        v_g = jnp.take_along_axis(v_h, rows, axis=2).reshape(b, hkv, c, n * lp, -1)
+        qg = q_c.astype(cd).reshape(b, c, hkv, hq // hkv, -1)
+        logits = jnp.einsum("bchgd,bhckd->bhgck", qg, k_g, precision="highest") * scale
+        mask = jnp.moveaxis(use, 2, 1).reshape(b, hkv, 1, c, n * lp)
+        probs, _ = normalise(*masked_softmax_stats(logits, mask))
+        o = jnp.einsum("bhgck,bhckd->bchgd", probs, v_g, precision="highest")
+        return (o.reshape(b, c, hq, -1).astype(q.dtype),)
+
+    shared = (jnp.moveaxis(k.astype(cd), 2, 1), jnp.moveaxis(v.astype(cd), 2, 1))
+    return map_query_chunks(chunk, (q, positions(b, t), doc_start, indices), shared)[0]

@@ -1,0 +1,51 @@
+"""Sliding-window branch: each query attends to the w keys [t - w + 1, t] of its document."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.ops import dispatch, layout, validation
+from nsa_jax.ops.chunking import QUERY_CHUNK, map_query_chunks, positions
+from nsa_jax.ops.compression import grouped_logits
+from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
+
+
+def window_attention(q, k, v, cfg: NSAConfig, *, segment_ids=None, scale=None,
+                     implementation=None):
+    """Causal sliding-window attention over keys [t - w + 1, t] (w = cfg.window keys, the query's
+    own token included) of the query's document: [B, T, Hq, Dv]."""
+    validation.check_config(cfg)
+    dims = validation.check_qkv(q, k, v)
+    validation.check_segment_ids(segment_ids, dims.batch, dims.length)
+    return dispatch.run("window_attention", implementation, q, k, v, cfg, segment_ids,
+                        validation.default_scale(scale, dims.dk))
+
+
+@dispatch.register("window_attention", "xla")
+def _window_attention_xla(q, k, v, cfg, segment_ids, scale):
+    b, t, hq, _ = q.shape
+    w = min(cfg.window, t)
+    chunk = min(QUERY_CHUNK, t)
+    span = chunk + w - 1  # keys any query of a chunk can see
+    cd = compute_dtype(q)
+    tail = -(-t // chunk) * chunk - t
+    pad = [(0, 0), (w - 1, tail), (0, 0), (0, 0)]
+    k_p, v_p = (jnp.pad(x.astype(cd), pad) for x in (k, v))
+
+    def fn(xs, shared):
+        q_c, pos_c, doc_c = xs
+        k_all, v_all = shared
+        first = pos_c[0, 0]  # chunks start at multiples of `chunk`; padding only at the end
+        k_c = jax.lax.dynamic_slice_in_dim(k_all, first, span, axis=1)
+        v_c = jax.lax.dynamic_slice_in_dim(v_all, first, span, axis=1)
+        key = first - (w - 1) + jnp.arange(span)
+        query = pos_c[:, :, None]
+        visible = (key <= query) & (key > query - w) & (key >= doc_c[:, :, None])
+        logits = grouped_logits(q_c.astype(cd), k_c, scale)
+        probs, _ = normalise(*masked_softmax_stats(logits, visible[:, None, None]))
+        o = jnp.einsum("bhgcs,bshd->bchgd", probs, v_c, precision="highest")
+        return (o.reshape(b, -1, hq, v.shape[-1]).astype(q.dtype),)
+
+    doc_start = layout.document_starts(segment_ids, b, t)
+    return map_query_chunks(fn, (q, positions(b, t), doc_start), (k_p, v_p), chunk=chunk)[0]
