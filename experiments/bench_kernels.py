@@ -1,7 +1,7 @@
 """Benchmark of the Pallas selected-block attention kernels against cuDNN full causal attention.
 
 Run on a GPU:  python experiments/bench_kernels.py [--seq 8192 16384 32768 65536] [--tune]
-First checks the kernels against a pure-JAX gather implementation (exit 1 on mismatch), then
+First checks the kernels against nsa_jax.ops' xla implementation (exit 1 on mismatch), then
 prints one markdown table row per (shape, T): selected-branch forward and forward+backward times,
 and their ratios to cuDNN causal attention measured in the same run; then the time per selected
 (query head, key) pair at G=4 vs G=16. Block ids are random, distinct and causal, with the current
@@ -18,7 +18,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from nsa_jax import ops
 from nsa_jax.config import NSAConfig
+from nsa_jax.ops.layout import document_starts
 from pallas_kernels.gpu import selected_attention
 from pallas_kernels.gpu.selected_index import (absolute_block_starts, key_tile_entries,
                                                query_tile_union)
@@ -39,59 +41,45 @@ def random_indices(key, b, t, h, block, n, shared=1):
     return jnp.where(value >= 0, idx, -1).astype(jnp.int32)
 
 
-def gather_selected(q, k, v, indices, block, doc_start, scale):
-    """Pure-JAX gather implementation (float32), the correctness reference on the GPU."""
-    b, t, hq, dk = q.shape
-    h = k.shape[2]
-    pos = (doc_start[:, :, None, None, None] + indices[..., None] * block
-           + jnp.arange(block)).reshape(b, t, h, -1)  # [B, T, H, n * l']
-    ok = jnp.repeat(indices >= 0, block, axis=-1) & (pos <= jnp.arange(t)[None, :, None, None])
-    safe = jnp.clip(pos, 0, t - 1)
-    take = lambda x: jax.vmap(lambda xb, pb: xb[pb, jnp.arange(h)[None, :, None]])(x, safe)
-    kg, vg = take(k.astype(jnp.float32)), take(v.astype(jnp.float32))  # [B, T, H, S, D]
-    qg = q.astype(jnp.float32).reshape(b, t, h, hq // h, dk)
-    s = jnp.einsum("bthgd,bthsd->bthgs", qg, kg) * scale
-    s = jnp.where(ok[:, :, :, None], s, -jnp.inf)
-    top = jnp.max(s, -1, keepdims=True)
-    p = jnp.where(ok[:, :, :, None], jnp.exp(s - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-    return jnp.einsum("bthgs,bthsd->bthgd", p, vg).reshape(b, t, hq, -1)
-
-
 def value_and_grads(f, q, k, v, do):
     o, vjp = jax.vjp(f, q, k, v)
     return (o, *vjp(do.astype(o.dtype)))
 
 
 def check(hq, hkv, dtype, packed, opts):
-    """Relative L2 errors of o, dq, dk, dv against the gather implementation; False if any fails."""
+    """Relative L2 errors of o, dq, dk, dv against the xla implementation; False if any fails."""
     b, t, d, block, n = 2, 1024, 128, 64, 16
     keys = jax.random.split(jax.random.PRNGKey(hq * 100 + hkv), 5)
     q = jax.random.normal(keys[0], (b, t, hq, d), dtype)
     k = jax.random.normal(keys[1], (b, t, hkv, d), dtype)
     v = jax.random.normal(keys[2], (b, t, hkv, d), dtype)
     do = jax.random.normal(keys[3], (b, t, hq, d), jnp.float32)
-    doc_start = jnp.zeros((b, t), jnp.int32)
+    segment_ids = None
     if packed:  # documents of 300, 421 and 303 tokens: block boundaries fall off the l' grid
-        doc_start = jnp.asarray([0] * 300 + [300] * 421 + [721] * 303, jnp.int32)[None].repeat(b, 0)
-    rel = jnp.arange(t)[None] - doc_start
+        segment_ids = jnp.repeat(jnp.arange(3), jnp.asarray([300, 421, 303]),
+                                 total_repeat_length=t)[None].repeat(b, 0)
+    doc_start = document_starts(segment_ids, b, t)
     indices = random_indices(keys[4], b, t, hkv, block, n)
-    indices = jnp.where(indices <= (rel // block)[..., None, None], indices, -1)
+    indices = jnp.where(indices <= ((jnp.arange(t) - doc_start) // block)[..., None, None],
+                        indices, -1)
     cfg = NSAConfig(select_block=block, num_selected=n)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run(use_kernel, q, k, v, do, indices, doc_start):
+    def run(use_kernel, q, k, v, do, indices, segment_ids):
         if use_kernel:
-            f = lambda q, k, v: selected_attention(q, k, v, indices, cfg,
-                                                   doc_start=doc_start if packed else None, **opts)
+            ds = None if segment_ids is None else document_starts(segment_ids, b, t)
+            f = lambda q, k, v: selected_attention(q, k, v, indices, cfg, doc_start=ds, **opts)
         else:
-            f = lambda q, k, v: gather_selected(q, k, v, indices, block, doc_start, d ** -0.5)
+            f = lambda q, k, v: ops.selected_attention(q, k, v, indices, cfg,
+                                                       segment_ids=segment_ids,
+                                                       implementation="xla")
         return value_and_grads(f, q, k, v, do)
 
     # Indices go in as arguments: as constants XLA would fold the index build at compile time.
-    got, want = (run(use, q, k, v, do, indices, doc_start) for use in (True, False))
+    got, want = (run(use, q, k, v, do, indices, segment_ids) for use in (True, False))
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-2  # float32 dots run as TF32
-    errs = [float(jnp.linalg.norm(x.astype(jnp.float32) - y) / jnp.linalg.norm(y))
+    f32 = lambda x: x.astype(jnp.float32)
+    errs = [float(jnp.linalg.norm(f32(x) - f32(y)) / jnp.linalg.norm(f32(y)))
             for x, y in zip(got, want)]
     ok = all(e < tol for e in errs)
     print(f"check Hq={hq} Hkv={hkv} {jnp.dtype(dtype).name} packed={packed}: rel L2 "

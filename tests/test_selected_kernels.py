@@ -1,4 +1,5 @@
-"""Selected-block attention kernels (pallas_kernels.gpu) against a dense masked-softmax oracle.
+"""Selected-block attention kernels (pallas_kernels.gpu) against the dense oracle
+(nsa_jax.ops, implementation="reference").
 
 TestSelectedKernel runs the kernels compiled on a GPU (skipped without one);
 TestSelectedKernelInterpret runs the same cases in Pallas interpret mode on CPU. The lowering test
@@ -12,51 +13,29 @@ import numpy as np
 import pytest
 from jax import export
 
+from nsa_jax import ops
 from nsa_jax.config import NSAConfig
+from nsa_jax.ops.layout import document_starts
 from pallas_kernels.gpu import selected_attention
 
 
-def doc_start_of(segment_ids):
-    """First position of each token's document (a maximal run of equal ids)."""
-    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
-    new_doc = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    return jax.lax.cummax(jnp.where(new_doc, t, 0), axis=1)
-
-
-def dense_selected(q, k, v, indices, block, doc_start, scale):
-    """float32 oracle: softmax over the keys of each query's selected blocks, 0 if none."""
-    b, t, hq, _ = q.shape
-    g = hq // k.shape[2]
-    pos = jnp.arange(t)
-    start = doc_start[:, :, None, None] + indices * block  # [B, T, H, n]
-    key = pos[None, None, None, None, :]
-    in_block = (key >= start[..., None]) & (key < start[..., None] + block)
-    causal = (pos[None, :] <= pos[:, None])[None, :, None, :]
-    mask = (in_block & (indices >= 0)[..., None]).any(3) & causal  # [B, T, H, S]
-    mask = jnp.repeat(mask, g, axis=2).transpose(0, 2, 1, 3)  # [B, Hq, T, S]
-    f32 = lambda x: jnp.repeat(x, g, axis=2).astype(jnp.float32)
-    s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), f32(k)) * scale
-    s = jnp.where(mask, s, -jnp.inf)
-    top = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-    total = p.sum(-1, keepdims=True)
-    return jnp.einsum("bhts,bshd->bthd", p / jnp.where(total > 0, total, 1.0), f32(v))
-
-
 def random_indices(rng, doc_start, num_kv_heads, block, n, empty_fraction=0.0):
-    """Distinct causal block ids per (b, t, h), current block always chosen, -1 padded at the end
-    where a query has fewer than n blocks; `empty_fraction` of the rows become all -1."""
+    """Causal block ids per (b, t, h), current block always chosen, -1 padded at the end where a
+    query has fewer than n blocks; `empty_fraction` of the rows become all -1, and as many again
+    repeat their first block in their last slot (a repeat counts once)."""
     b, t = doc_start.shape
     rel = np.arange(t)[None, :] - np.asarray(doc_start)
     out = np.full((b, t, num_kv_heads, n), -1, np.int32)
     for bi, ti, hi in np.ndindex(b, t, num_kv_heads):
-        if rng.random() < empty_fraction:
+        draw = rng.random()
+        if draw < empty_fraction:
             continue
         cur = rel[bi, ti] // block
         others = rng.permutation(cur)[: rng.integers(0, n)]
         chosen = np.sort(np.concatenate([[cur], others]))
         out[bi, ti, hi, : len(chosen)] = chosen
+        if draw < 2 * empty_fraction:
+            out[bi, ti, hi, -1] = chosen[0]
     assert (out < -(-t // block)).all() and (out >= -1).all()
     return jnp.asarray(out)
 
@@ -96,31 +75,33 @@ class TestSelectedKernel:
         segment_ids = None
         if docs is not None:
             segment_ids = jnp.asarray(np.repeat(np.arange(len(docs)) % 2, docs))[None].repeat(b, 0)
-        doc_start = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
-                     else doc_start_of(segment_ids))
+        doc_start = document_starts(segment_ids, b, t)
         indices = random_indices(rng, doc_start, hkv, block, n, empty)
         cfg = NSAConfig(compress_block=block, compress_stride=block, select_block=block,
                         num_selected=n, num_init_blocks=0, num_local_blocks=1)
         scale = 0.7 / np.sqrt(dk)
 
-        def value_and_grads(use_kernel, q, k, v, indices, doc_start):
+        def value_and_grads(use_kernel, q, k, v, indices, segment_ids):
             if use_kernel:
-                ds = None if segment_ids is None else doc_start
+                ds = None if segment_ids is None else document_starts(segment_ids, b, t)
                 f = lambda q, k, v: selected_attention(q, k, v, indices, cfg, doc_start=ds,
                                                        scale=scale, interpret=self.INTERPRET)
             else:
-                f = lambda q, k, v: dense_selected(q, k, v, indices, block, doc_start, scale)
+                f = lambda q, k, v: ops.selected_attention(
+                    q, k, v, indices, cfg, segment_ids=segment_ids, scale=scale,
+                    implementation="reference")
             o, vjp = jax.vjp(f, q, k, v)
             return (o, *vjp(cotangent.astype(o.dtype)))
 
         # Index arrays are arguments, not constants XLA would fold at compile time.
         run = jax.jit(value_and_grads, static_argnums=0)
-        got, *got_grads = run(True, q, k, v, indices, doc_start)
-        want, *want_grads = run(False, q, k, v, indices, doc_start)
+        got, *got_grads = run(True, q, k, v, indices, segment_ids)
+        want, *want_grads = run(False, q, k, v, indices, segment_ids)
         assert got.shape == (b, t, hq, dv) and got.dtype == dtype
         tol = self._tolerance(dtype)
         for label, x, y in zip(("o", "dq", "dk", "dv"), (got, *got_grads), (want, *want_grads)):
-            err = float(jnp.linalg.norm(x.astype(jnp.float32) - y) / jnp.linalg.norm(y))
+            x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+            err = float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y))
             assert err < tol, f"{label}: relative L2 error {err:.2e} >= {tol:.0e}"
         if empty:
             no_keys = np.asarray((indices < 0).all(-1))  # [B, T, Hkv] rows with nothing selected

@@ -31,19 +31,21 @@ def absolute_block_starts(indices, doc_start, block: int):
     return jnp.where((indices >= 0) & (start <= t), start, -1).astype(jnp.int32)
 
 
-def _union_of_row(starts, qbit):
-    """Sorted distinct starts of one tile (length L) with the OR of their query bits."""
+def _union_of_row(starts, query, qb: int):
+    """Sorted distinct starts of one tile (length L) with the bit mask of the queries using them."""
     length = starts.shape[0]
-    key = jnp.where(starts >= 0, starts, _NO_BLOCK)
-    order = jnp.argsort(key, stable=True)
-    key, qbit = key[order], qbit[order]
+    # Sorting (start, query) pairs puts a repeated pair next to its twin, so it is counted once.
+    key = jnp.where(starts >= 0, starts * qb + query, _NO_BLOCK)
+    key = jnp.sort(key)
     valid = key != _NO_BLOCK
-    first = valid & (key != jnp.concatenate([jnp.full((1,), -1, key.dtype), key[:-1]]))
-    slot = jnp.where(valid, jnp.cumsum(first) - 1, length)  # invalid entries go to a dump slot
-    union = jnp.zeros((length + 1,), jnp.int32).at[slot].set(jnp.where(valid, key, 0))
-    # A query lists a block at most once, so adding its bit is an OR.
-    bits = jnp.zeros((length + 1,), jnp.int32).at[slot].add(jnp.where(valid, qbit, 0))
-    return union[:length], bits[:length], jnp.sum(first, dtype=jnp.int32)
+    prev = jnp.concatenate([jnp.full((1,), -1, key.dtype), key[:-1]])
+    new_pair = valid & (key != prev)
+    new_start = valid & (key // qb != prev // qb)
+    slot = jnp.where(valid, jnp.cumsum(new_start) - 1, length)  # invalid entries: a dump slot
+    union = jnp.zeros((length + 1,), jnp.int32).at[slot].set(jnp.where(valid, key // qb, 0))
+    qbit = jnp.where(new_pair, jnp.left_shift(1, key % qb), 0)
+    bits = jnp.zeros((length + 1,), jnp.int32).at[slot].add(qbit)  # distinct bits: add is OR
+    return union[:length], bits[:length], jnp.sum(new_start, dtype=jnp.int32)
 
 
 def query_tile_union(abs_starts, qb: int):
@@ -51,12 +53,13 @@ def query_tile_union(abs_starts, qb: int):
 
     starts/bits [B, H, Tq // qb, qb * n] int32, count [B, H, Tq // qb] int32: entry i < count of
     tile c is a block start and the mask of the tile's queries (bit r = query c * qb + r) using it.
+    A block listed twice by one query counts once.
     """
     b, tq, h, n = abs_starts.shape
     tiles = abs_starts.reshape(b, tq // qb, qb, h, n).transpose(0, 3, 1, 2, 4)
     tiles = tiles.reshape(b * h * (tq // qb), qb * n)
-    qbit = jnp.repeat(jnp.left_shift(1, jnp.arange(qb, dtype=jnp.int32)), n)
-    starts, bits, count = jax.vmap(_union_of_row, in_axes=(0, None))(tiles, qbit)
+    query = jnp.repeat(jnp.arange(qb, dtype=jnp.int32), n)
+    starts, bits, count = jax.vmap(_union_of_row, in_axes=(0, None, None))(tiles, query, qb)
     shape = (b, h, tq // qb)
     return starts.reshape(*shape, qb * n), bits.reshape(*shape, qb * n), count.reshape(shape)
 
