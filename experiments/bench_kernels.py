@@ -143,15 +143,16 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--per-key-seq", type=int, default=32768)
     parser.add_argument("--tune", type=int, default=0, help="also tune at this T (0: no)")
-    parser.add_argument("--num-warps", type=int, default=2)
-    parser.add_argument("--num-stages", type=int, default=3)
-    parser.add_argument("--bwd-num-warps", type=int, default=8)
-    parser.add_argument("--bwd-num-stages", type=int, default=2)
+    parser.add_argument("--num-warps", type=int, help="forward/dQ (default: the kernel's)")
+    parser.add_argument("--num-stages", type=int)
+    parser.add_argument("--bwd-num-warps", type=int)
+    parser.add_argument("--bwd-num-stages", type=int)
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         sys.exit("bench_kernels.py needs a GPU (the kernels lower through Triton)")
     opts = dict(num_warps=args.num_warps, num_stages=args.num_stages,
                 bwd_num_warps=args.bwd_num_warps, bwd_num_stages=args.bwd_num_stages)
+    opts = {name: value for name, value in opts.items() if value is not None}
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, options {opts}")
     checks = [check(64, 4, jnp.bfloat16, False, opts), check(64, 4, jnp.bfloat16, True, opts),
               check(32, 8, jnp.bfloat16, True, opts), check(12, 4, jnp.float32, True, opts)]

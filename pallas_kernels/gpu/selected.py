@@ -60,7 +60,8 @@ _selected.defvjp(_selected_fwd, _selected_bwd)
 
 def _check_inputs(q, k, v, indices, doc_start):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, "
+                         f"{v.shape}")
     b, t, hq, dk = q.shape
     hkv = k.shape[2]
     if k.shape[:3] != (b, t, hkv) or v.shape[:3] != (b, t, hkv) or k.shape[3] != dk:
@@ -81,7 +82,7 @@ def _check_inputs(q, k, v, indices, doc_start):
 
 def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scale=None,
                        interpret=False, queries_per_program=None, entries_per_step=None,
-                       num_warps=2, num_stages=3, bwd_num_warps=8, bwd_num_stages=2):
+                       num_warps=None, num_stages=None, bwd_num_warps=8, bwd_num_stages=2):
     """Attention of each query over the l'-token blocks its KV group selected.
 
     q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv]; indices [B, T, Hkv, n] int32 block ids
@@ -92,6 +93,7 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
 
     queries_per_program: query positions per forward/dQ program (power of 2 <= 16; default
     16 / padded group size, at least 1). entries_per_step: query tiles per dK/dV loop step.
+    num_warps/num_stages (forward and dQ): default 2/3 for one query per program, else 4/2.
     """
     _check_inputs(q, k, v, indices, doc_start)
     b, t, hq, dk = q.shape
@@ -100,6 +102,10 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     qb = queries_per_program or max(1, _MIN_ROWS // gp)
     if qb not in (1, 2, 4, 8, 16):
         raise ValueError(f"queries_per_program must be a power of 2 <= 16, got {qb}")
+    # Measured on an H100: one query per program is fastest with 2 warps and 3 stages; a tile of
+    # several queries (G < 16, or a shared selection) with 4 and 2 (2 warps spill at 128 rows).
+    num_warps = num_warps or (2 if qb == 1 else 4)
+    num_stages = num_stages or (3 if qb == 1 else 2)
     dkp, dvp = _pow2(dk), _pow2(dv)
     # dK/dV gathers q and dO rows per step; float32 needs extra staging for its TF32 dots. On an
     # H100, 128 f32 rows of D=128 asked for 355 KiB of the 227 KiB of shared memory, and 128 bf16

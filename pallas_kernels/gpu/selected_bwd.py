@@ -103,8 +103,10 @@ def selected_dkv(tiling: Tiling, q5, k, v, do5, lse, delta, entries):
     dv, block = v.shape[-1], tiling.block
     t_out = tiling.num_key_tiles * block
     per_bh = lambda c, bh: (bh // h, bh % h, 0)
-    whole_q = lambda dim: pl.BlockSpec((None, tq, None, gp, dim), lambda c, bh: (bh // h, 0, bh % h, 0, 0))
-    key_tile = lambda dim: pl.BlockSpec((None, block, None, dim), lambda c, bh: (bh // h, c, bh % h, 0))
+    whole_q = lambda dim: pl.BlockSpec((None, tq, None, gp, dim),
+                                       lambda c, bh: (bh // h, 0, bh % h, 0, 0))
+    key_tile = lambda dim: pl.BlockSpec((None, block, None, dim),
+                                        lambda c, bh: (bh // h, c, bh % h, 0))
     entry_spec = pl.BlockSpec((None, None, entries[0].shape[-1]), per_bh)
     rows_spec = pl.BlockSpec((None, None, tq * gp), per_bh)
     return pl.pallas_call(
