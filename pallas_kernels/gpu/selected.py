@@ -86,8 +86,9 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     """Attention of each query over the l'-token blocks its KV group selected.
 
     q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv]; indices [B, T, Hkv, n] int32 block ids
-    counted from the query's document start (-1 = none; a repeated id counts once); doc_start [B, T] int32
-    = position of the first token of each token's document (None: one document per row). Block j
+    counted from the query's document start (-1 = none; a repeated id counts once); doc_start
+    [B, T] int32 = position of the first token of each token's document (None: one document per
+    row), e.g. nsa_jax.ops.layout.document_starts(segment_ids, B, T). Block j
     of query t covers keys doc_start[t] + j*l' ... + l' - 1, keys after t masked. A query with no
     visible key gets 0. Returns o [B, T, Hq, Dv] in q's dtype; softmax and sums in float32.
 
