@@ -64,13 +64,15 @@ class NSAConfig:
 
 ATTENTION_KINDS = ("nsa", "full", "window")
 COMPRESSOR_KINDS = ("mean", "linear", "mlp")
+# ops.IMPLEMENTATIONS plus None; spelt out here because the config sits upstream of ops
 IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def _require_model_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"ModelConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
+        raise ValueError(
+            f"ModelConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"ModelConfig.{name} must be >= {minimum}, got {value}")
 

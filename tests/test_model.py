@@ -85,7 +85,8 @@ def test_training_step_lowers_loss(kind):
 
 def test_gate_means_start_window_dominated():
     cfg = tiny_config(attention="nsa")
-    logits, aux = DecoderLM(cfg, rngs=nnx.Rngs(0))(_tokens(5, 1, 16), return_aux=True)
+    forward = nnx.jit(lambda m, tokens: m(tokens, return_aux=True))
+    logits, aux = forward(DecoderLM(cfg, rngs=nnx.Rngs(0)), _tokens(5, 1, 16))
     assert logits.shape == (1, 16, cfg.vocab_size) and logits.dtype == jnp.float32
     np.testing.assert_allclose(aux["gate_mean"], np.tile(jax.nn.sigmoid(jnp.array([-2., -2., 2.])),
                                                          (cfg.num_layers, 1)), rtol=1e-6)
@@ -93,16 +94,21 @@ def test_gate_means_start_window_dominated():
 
 def test_remat_changes_nothing_but_memory():
     tokens = _tokens(6, 1, 16)
-    loss = lambda m: m(tokens).mean()
-    plain, remat = (DecoderLM(tiny_config(remat=r), rngs=nnx.Rngs(0)) for r in (False, True))
-    grads = [nnx.grad(loss)(m) for m in (plain, remat)]
-    np.testing.assert_allclose(plain(tokens), remat(tokens), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
+    models = [DecoderLM(tiny_config(attention="full", remat=r), rngs=nnx.Rngs(0))
+              for r in (False, True)]
+    loss_and_grad = nnx.jit(nnx.value_and_grad(lambda m: m(tokens).mean()))
+    plain, remat = (loss_and_grad(m) for m in models)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), plain, remat)
+    graphs = []
+    for model in models:
+        graphdef, state = nnx.split(model)
+        graphs.append(str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)))
+    assert "remat" not in graphs[0] and "remat" in graphs[1]
 
 
 def test_bfloat16_compute_keeps_float32_logits():
     cfg = tiny_config(attention="nsa", dtype="bfloat16")
-    logits = DecoderLM(cfg, rngs=nnx.Rngs(0))(_tokens(7, 1, 16))
+    logits = jitted_forward(DecoderLM(cfg, rngs=nnx.Rngs(0)))(_tokens(7, 1, 16))
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
 
 

@@ -1,8 +1,8 @@
 """Compression phi: maps the l-token window of compressed token i (document-relative tokens
 [i*d, i*d + l - 1], before RoPE) to one token. Every compressor returns
-`(x_cmp [B, Tc, H, D], position [B, Tc] int32)`, the layout of `ops.compress` / `ops.compression_blocks`
-(with segment_ids: T // d slots, each document's tokens in order, padding slots at position -1 and
-exactly zero)."""
+`(x_cmp [B, Tc, H, D], position [B, Tc] int32)` in the slot layout of `ops.compress` and
+`ops.compression_blocks` (with segment_ids: T // d slots, each document's tokens in order,
+padding slots at position -1 and exactly zero)."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,7 +42,8 @@ class _LearnedCompressor(nnx.Module):
 
 class LinearCompressor(_LearnedCompressor):
     """Per-KV-head linear map of the flattened block, [l*D] -> [D], no bias. Initialised to exact
-    mean pooling (weight[h, j*D + a, b] = delta_ab / l), so training starts from the mean-pool model."""
+    mean pooling (weight[h, j*D + a, b] = delta_ab / l): training starts from the mean-pool
+    model."""
 
     def __init__(self, cfg: ModelConfig, dim: int, *, rngs: nnx.Rngs):
         del rngs
@@ -62,7 +63,8 @@ class MLPCompressor(_LearnedCompressor):
     then per KV head Linear(l*D -> hidden) -> SiLU -> Linear(hidden -> D), with biases."""
 
     def __init__(self, cfg: ModelConfig, dim: int, *, rngs: nnx.Rngs):
-        self.nsa, l, heads, hidden = cfg.nsa, cfg.nsa.compress_block, cfg.num_kv_heads, cfg.compressor_hidden
+        self.nsa, l, heads = cfg.nsa, cfg.nsa.compress_block, cfg.num_kv_heads
+        hidden = cfg.compressor_hidden
         dtype = jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.pos_embedding = nnx.Param(jnp.zeros((heads, l, dim), dtype))
@@ -74,7 +76,7 @@ class MLPCompressor(_LearnedCompressor):
     def map_blocks(self, blocks):
         _, _, l, heads, dim = blocks.shape
         cast = lambda p: p[...].astype(blocks.dtype)
-        h = blocks + jnp.swapaxes(cast(self.pos_embedding), 0, 1)  # [l, H, D] against [B, Tc, l, H, D]
+        h = blocks + jnp.swapaxes(cast(self.pos_embedding), 0, 1)  # [l, H, D] onto [B, Tc, l, H, D]
         w_in = cast(self.w_in).reshape(heads, l, dim, -1)
         hidden = jax.nn.silu(jnp.einsum("bclhd,hldk->bchk", h, w_in) + cast(self.b_in))
         return jnp.einsum("bchk,hke->bche", hidden, cast(self.w_out)) + cast(self.b_out)

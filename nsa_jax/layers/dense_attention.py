@@ -4,7 +4,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nsa_jax.config import ModelConfig
-from nsa_jax.layers.documents import check_segment_ids, document_ids, document_positions
+from nsa_jax.layers.documents import (check_segment_ids, document_positions,
+                                      same_document_mask)
 from nsa_jax.layers.projections import KVProjection, dense, split_heads
 from nsa_jax.layers.rotary import apply_rope
 
@@ -13,12 +14,6 @@ def dense_implementation(dtype) -> str:
     """cuDNN flash attention on GPU for 16-bit inputs (all it accepts), XLA everywhere else."""
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-
-
-def same_document_mask(segment_ids):
-    """[B, 1, T, T] bool: query and key lie in the same document (run of equal ids)."""
-    doc = document_ids(segment_ids)
-    return (doc[:, :, None] == doc[:, None, :])[:, None]
 
 
 class DenseAttention(nnx.Module):

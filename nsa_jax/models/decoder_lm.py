@@ -15,10 +15,11 @@ class DecoderLM(nnx.Module):
     """tokens [B, T] int -> logits [B, T, vocab] float32.
 
     Pre-norm blocks (RMSNorm, attention of kind cfg.attention, RMSNorm, SwiGLU), a final RMSNorm and
-    the token embedding reused as the output projection. `segment_ids` [B, T] marks packed documents:
-    nothing crosses a boundary and positions restart at every document, so a packed document gets
-    the logits it gets alone. With `return_aux=True` the call returns `(logits, aux)`; for NSA,
-    aux["gate_mean"] is [num_layers, 3] float32 (mean gate per layer and branch cmp, slc, win).
+    the token embedding reused as the output projection. `segment_ids` [B, T] marks packed
+    documents: nothing crosses a boundary and positions restart at every document, so a packed
+    document gets the logits it gets alone. With `return_aux=True` the call returns
+    `(logits, aux)`: for NSA aux["gate_mean"] is [num_layers, 3] float32 (mean gate per layer and
+    branch cmp, slc, win); for the dense kinds aux is {}.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):

@@ -10,7 +10,8 @@ def _compressor_params(cfg: ModelConfig, dim: int) -> int:
         return 0
     if cfg.compressor == "linear":
         return heads * l * dim * dim
-    return heads * (l * dim + l * dim * hidden + hidden + hidden * dim + dim)  # pe, w_in, b_in, w_out, b_out
+    # position embedding, w_in, b_in, w_out, b_out
+    return heads * (l * dim + l * dim * hidden + hidden + hidden * dim + dim)
 
 
 def _attention_params(cfg: ModelConfig) -> int:
