@@ -21,7 +21,7 @@ def evaluate_workdir(config, workdir) -> dict:
     with any overrides); writes eval.json and eval.png there and returns the result."""
     run, workdir = resolve(config), pathlib.Path(workdir)
     model_def, model_state = nnx.split(build_model(run.model, run.train.seed))
-    checkpointer = Checkpointer(workdir, run.train.max_to_keep)
+    checkpointer = Checkpointer(workdir, run.train.max_to_keep, read_only=True)
     try:
         restored = checkpointer.restore_latest(model_state)
     finally:

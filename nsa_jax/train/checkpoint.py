@@ -3,8 +3,9 @@
 Each checkpoint is one step directory under WORKDIR/checkpoints holding three items: the model
 state, the optimizer state and a small JSON of metadata. Orbax writes a step into a temporary
 directory and renames it when complete, so a save cut short by SIGKILL never looks like a
-checkpoint. A complete-looking step that fails to restore is moved to WORKDIR/corrupt_checkpoints
-with a warning and the next older one is tried.
+checkpoint. A complete-looking step that fails to restore is skipped with a warning (and, unless
+read-only, moved to WORKDIR/corrupt_checkpoints so the run can save that step again) and the
+next older one is tried.
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Periodic / final / on-signal saves and resume-from-latest-good for one workdir."""
+    """Periodic / final / on-signal saves and resume-from-latest-good for one workdir.
+    read_only (evaluation) touches nothing, not even the unfinished saves of a running trainer."""
 
-    def __init__(self, workdir, max_to_keep: int):
-        self.workdir = pathlib.Path(workdir).absolute()
+    def __init__(self, workdir, max_to_keep: int, *, read_only: bool = False):
+        self.workdir, self.read_only = pathlib.Path(workdir).absolute(), read_only
         self._manager = ocp.CheckpointManager(
             self.workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 cleanup_tmp_directories=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                                 cleanup_tmp_directories=not read_only,
+                                                 read_only=read_only))
 
     def save(self, step: int, model_state, opt_state, metadata: dict) -> None:
         """Starts an asynchronous save of `step` unless that step is already saved."""
@@ -45,21 +48,23 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as error:  # any unreadable checkpoint is skipped, never fatal
-                self._set_aside(step, error)
+                self._skip(step, error)
                 continue
             return step, restored["model"], restored.get("optimizer"), restored["metadata"]
         return None
 
-    def _set_aside(self, step: int, error: Exception) -> None:
-        corrupt = self.workdir / "corrupt_checkpoints"
-        corrupt.mkdir(exist_ok=True)
-        target = corrupt / str(step)
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(str(self.workdir / "checkpoints" / str(step)), target)
-        self._manager.reload()
-        warnings.warn(f"checkpoint at step {step} could not be restored and was moved to {target} "
-                      f"({type(error).__name__}: {str(error)[:300]}); trying an older one",
-                      stacklevel=2)
+    def _skip(self, step: int, error: Exception) -> None:
+        source = self.workdir / "checkpoints" / str(step)
+        where = f"left in {source}"
+        if not self.read_only:
+            target = self.workdir / "corrupt_checkpoints" / str(step)
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(source), target)
+            self._manager.reload()
+            where = f"moved to {target}"
+        warnings.warn(f"checkpoint at step {step} could not be restored ({type(error).__name__}: "
+                      f"{str(error)[:300]}); {where}; trying an older one", stacklevel=3)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
