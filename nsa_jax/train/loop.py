@@ -118,9 +118,10 @@ class Trainer:
         if step == self._first_step:
             self.progress.line(f"compiled and ran the first step in "
                                f"{time.perf_counter() - self._clock:.1f} s")
-            self._window, self._clock = 0, time.perf_counter()
         if step % self.run.train.log_every == 0 or step == self.run.train.steps:
             self._log_train(step, values)
+        elif step == self._first_step:  # later windows measure running speed, not compilation
+            self._window, self._clock = 0, time.perf_counter()
 
     def _log_train(self, step: int, values: dict) -> None:
         elapsed = max(time.perf_counter() - self._clock, 1e-9)
