@@ -129,6 +129,9 @@ class Trainer:
         tokens = self.run.data.batch_size * self.run.data.seq_len
         record = {"step": step, "loss": values.pop("loss"), **values, "learning_rate": float(self.schedule(step - 1)),
                   "tokens_per_s": tokens / per_step}
+        peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+        if peak is not None:  # GPU/TPU only: the CPU client keeps no statistics
+            record["peak_memory_gib"] = peak / 2**30
         self.log.write(record)
         self.progress.line(format_train_line(record, self.run.train.steps,
                                              per_step * (self.run.train.steps - step)))
