@@ -65,12 +65,15 @@ def speed32k(out: pathlib.Path, overrides: list[str], steps: int) -> None:
             sys.exit(f"32k {kind} run failed")
 
 
-def _summary(records: list[dict]) -> dict:
+def _summary(workdir: pathlib.Path) -> dict:
+    records = _records(workdir)
+    data = json.loads((workdir / "config.json").read_text())["data"]
     train = [r for r in records if "tokens_per_s" in r][1:]  # the first window includes compilation
     evals = [r for r in records if "val_loss" in r]
     peaks = [r["peak_memory_gib"] for r in records if "peak_memory_gib" in r]
     speed = statistics.median(r["tokens_per_s"] for r in train) if train else float("nan")
     return {"step": max((r["step"] for r in records), default=0),
+            "batch_tokens": data["batch_size"] * data["seq_len"],
             "val_loss": evals[-1]["val_loss"] if evals else float("nan"),
             "tokens_per_s": speed, "peak_memory_gib": max(peaks) if peaks else float("nan")}
 
@@ -83,14 +86,12 @@ def report(out: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     rows = []
     for kind in RUNS_8K:
-        records = _records(out / kind)
-        evals = [r for r in records if "val_loss" in r]
+        evals = [r for r in _records(out / kind) if "val_loss" in r]
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", label=kind)
-        rows.append((f"8k {kind}", _summary(records)))
+        rows.append((f"8k {kind}", _summary(out / kind)))
     for kind in ("nsa", "full"):
-        records = _records(out / f"32k_{kind}")
-        if records:
-            rows.append((f"32k {kind}", _summary(records)))
+        if (out / f"32k_{kind}" / "metrics.jsonl").exists():
+            rows.append((f"32k {kind}", _summary(out / f"32k_{kind}")))
     ax.set(xlabel="step", ylabel="validation loss (nats/byte)", title="NSA vs full attention, 8k")
     ax.legend()
     fig.tight_layout()
@@ -99,9 +100,8 @@ def report(out: pathlib.Path) -> None:
              "|---|---|---|---|---|---|"]
     tokens = {k: v["tokens_per_s"] for k, v in rows}
     for name, s in rows:
-        batch_tokens = 4 * 8192 if name.startswith("8k") else 32768
         lines.append(f"| {name} | {s['step']} | {s['val_loss']:.4f} | {s['tokens_per_s']:,.0f} | "
-                     f"{batch_tokens / s['tokens_per_s']:.3f} | {s['peak_memory_gib']:.1f} |")
+                     f"{s['batch_tokens'] / s['tokens_per_s']:.3f} | {s['peak_memory_gib']:.1f} |")
     for length in ("8k", "32k"):
         if f"{length} nsa" in tokens and f"{length} full" in tokens:
             lines.append(f"\nNSA / full training throughput at {length}: "
