@@ -133,10 +133,13 @@ def check_block(name: str, value: int) -> int:
     return value
 
 
-def compiler_params(num_parallel: int, num_arbitrary: int = 0):
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel",) * num_parallel + ("arbitrary",) * num_arbitrary)
-
-
-def jit_static(fn, *static):
-    return jax.jit(fn, static_argnames=static)
+def prefetch_call(kernel, args, *, grid, num_prefetch, in_specs, out_specs, out_shape, scratch,
+                  num_reduction_axes: int, interpret):
+    """pallas_call with `num_prefetch` scalar-prefetched leading args; the last
+    `num_reduction_axes` grid axes accumulate into scratch (arbitrary), the others are parallel."""
+    semantics = ("parallel",) * (len(grid) - num_reduction_axes) + ("arbitrary",) * num_reduction_axes
+    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=num_prefetch, grid=grid,
+                                             in_specs=in_specs, out_specs=out_specs,
+                                             scratch_shapes=scratch)
+    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=interpret,
+                          compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))(*args)

@@ -145,11 +145,10 @@ def _rows_spec(rows: int, width: int, hkv: int):
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, opts, *args):
-    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
-                                             out_specs=out_specs, scratch_shapes=scratch)
-    return pl.pallas_call(functools.partial(kernel, opts=opts), grid_spec=grid_spec,
-                          out_shape=out_shape, compiler_params=common.compiler_params(2),
-                          interpret=opts.interpret)(*args)
+    return common.prefetch_call(functools.partial(kernel, opts=opts), args, grid=grid,
+                                num_prefetch=1, in_specs=in_specs, out_specs=out_specs,
+                                out_shape=out_shape, scratch=scratch, num_reduction_axes=0,
+                                interpret=opts.interpret)
 
 
 def _query_tile_call(kernel, lay: _Layout, row_inputs, outputs, opts: _Opts):
