@@ -54,7 +54,7 @@ def _layout(q, k, v, indices, doc_start, opts: _Opts) -> _Layout:
 
 def _block_mask(start, row_starts, pos, select_block):
     """[R, l'] bool: the row selected the block starting at `start` and the key is not after it."""
-    member = jnp.max(jnp.where(row_starts == start, 1, 0), axis=1, keepdims=True) > 0
+    member = jnp.max(jnp.where(row_starts == start, 1.0, 0.0), axis=1, keepdims=True) > 0
     key = start + lax.broadcasted_iota(jnp.int32, (1, select_block), 1)
     return member & (key <= pos)
 
@@ -65,9 +65,9 @@ def _walk_blocks(count_ref, blocks_ref, k_hbm, v_hbm, bufs, body, init):
     bh, i = pl.program_id(0), pl.program_id(1)
     hkv, lp = k_hbm.shape[1], kbuf.shape[1]
     b, h = bh // hkv, bh % hkv
-    sources = [lambda u, ref=ref: ref.at[b, h, pl.ds(blocks_ref[u], lp)] for ref in (k_hbm, v_hbm)]
+    sources = [lambda u, ref=ref: ref.at[b, h, pl.ds(blocks_ref[0, u], lp)] for ref in (k_hbm, v_hbm)]
     count = count_ref[bh * pl.num_programs(1) + i]
-    step = lambda u, views, carry: body(blocks_ref[u], views[0][...], views[1][...], carry)
+    step = lambda u, views, carry: body(blocks_ref[0, u], views[0][...], views[1][...], carry)
     return common.gather_loop(count, sources, [kbuf, vbuf], sems, step, init)
 
 
@@ -113,9 +113,9 @@ def _dkv_kernel(count_ref, tiles_ref, k_ref, v_ref, q_hbm, do_hbm, rowf_hbm, row
     bh, c = pl.program_id(0), pl.program_id(1)
     hkv, rows, lp = q_hbm.shape[1], qbuf.shape[1], opts.select_block
     b, h = bh // hkv, bh % hkv
-    sources = [lambda s, ref=ref: ref.at[b, h, pl.ds(tiles_ref[s] * rows, rows)]
+    sources = [lambda s, ref=ref: ref.at[b, h, pl.ds(tiles_ref[0, s] * rows, rows)]
                for ref in (q_hbm, do_hbm)]
-    sources += [lambda s, ref=ref: ref.at[b, h, :, pl.ds(tiles_ref[s] * rows, rows)]
+    sources += [lambda s, ref=ref: ref.at[b, h, :, pl.ds(tiles_ref[0, s] * rows, rows)]
                 for ref in (rowf_hbm, rowi_hbm)]
     k, v = k_ref[...], v_ref[...]
     key = c * lp + lax.broadcasted_iota(jnp.int32, (lp, 1), 0)
@@ -144,6 +144,12 @@ def _rows_spec(rows: int, width: int, hkv: int):
     return pl.BlockSpec((None, None, rows, width), lambda bh, i, *_: (bh // hkv, bh % hkv, i, 0))
 
 
+def _smem_list_spec(width: int):
+    """This grid step's list [1, width] of a [B*Hkv, tiles, 1, width] array, into SMEM."""
+    return pl.BlockSpec((None, None, 1, width), lambda bh, i, _: (bh, i, 0, 0),
+                        memory_space=pltpu.SMEM)
+
+
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, opts, *args):
     return common.prefetch_call(functools.partial(kernel, opts=opts), args, grid=grid,
                                 num_prefetch=1, in_specs=in_specs, out_specs=out_specs,
@@ -157,8 +163,7 @@ def _query_tile_call(kernel, lay: _Layout, row_inputs, outputs, opts: _Opts):
     b, hkv, total, dk = lay.q.shape
     rows = opts.block_q * lay.group
     width = lay.tiles.blocks.shape[-1]
-    in_specs = [pl.BlockSpec((None, None, width), lambda bh, i, _: (bh, i, 0),
-                             memory_space=pltpu.SMEM),
+    in_specs = [_smem_list_spec(width),
                 _rows_spec(rows, dk, hkv),
                 pl.BlockSpec((None, rows, 1), lambda bh, i, _: (bh // hkv, i, 0)),
                 _rows_spec(rows, lay.tiles.row_starts.shape[-1], hkv)]
@@ -190,8 +195,7 @@ def _key_tile_call(lay: _Layout, do_rows, rowf, rowi, opts: _Opts):
     order, count = key_tiles(lay.tiles, select_block=lp, num_key_tiles=num_key_tiles)
     key_spec = lambda width: pl.BlockSpec((None, None, lp, width),
                                           lambda bh, c, _: (bh // hkv, bh % hkv, c, 0))
-    in_specs = [pl.BlockSpec((None, None, order.shape[-1]), lambda bh, c, _: (bh, c, 0),
-                             memory_space=pltpu.SMEM), key_spec(dk), key_spec(dv)]
+    in_specs = [_smem_list_spec(order.shape[-1]), key_spec(dk), key_spec(dv)]
     in_specs += [pl.BlockSpec(memory_space=pl.ANY)] * 4
     outputs = [jax.ShapeDtypeStruct(lay.k.shape, lay.k.dtype),
                jax.ShapeDtypeStruct(lay.v.shape, lay.v.dtype)]

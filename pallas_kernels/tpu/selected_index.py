@@ -17,7 +17,7 @@ _NONE = jnp.iinfo(jnp.int32).max
 
 class QueryTiles(NamedTuple):
     """row_starts [B, Hkv, Tp*G, n]: each row's usable block starts (-1: slot unused);
-    blocks [B*Hkv, NT, QB*n]: the distinct block starts any query of a tile uses, ascending;
+    blocks [B*Hkv, NT, 1, QB*n]: the distinct block starts any query of a tile uses, ascending;
     count [B*Hkv*NT]: how many entries of `blocks` are real."""
 
     row_starts: jnp.ndarray
@@ -46,21 +46,23 @@ def query_tiles(indices, doc_start, *, select_block: int, block_q: int, padded_l
                              tiles[..., 1:] != tiles[..., :-1]], axis=-1) & (tiles != _NONE)
     blocks = jnp.sort(jnp.where(first, tiles, _NONE), axis=-1)
     blocks = jnp.where(blocks == _NONE, 0, blocks)
-    return QueryTiles(row_starts, blocks, jnp.sum(first, axis=-1, dtype=jnp.int32).reshape(-1))
+    count = jnp.sum(first, axis=-1, dtype=jnp.int32).reshape(-1)
+    return QueryTiles(row_starts, blocks[:, :, None], count)
 
 
 def key_tiles(tiles: QueryTiles, *, select_block: int, num_key_tiles: int):
     """The transposed index for dK/dV: for every aligned key tile of l' keys, the query tiles
-    whose selected blocks overlap it (ascending, [B*Hkv, NKT, NT]) and their number
+    whose selected blocks overlap it (ascending, [B*Hkv, NKT, 1, NT]) and their number
     ([B*Hkv*NKT]). An unaligned block overlaps two key tiles and is listed under both."""
-    bh, nt, width = tiles.blocks.shape
+    blocks = tiles.blocks[:, :, 0]
+    bh, nt, width = blocks.shape
     used = jnp.arange(width) < tiles.count.reshape(bh, nt)[..., None]
     hit = jnp.zeros((bh, num_key_tiles + 1, nt), bool)
     rows = jnp.arange(bh)[:, None, None]
     cols = jnp.arange(nt)[None, :, None]
     for last_key in (0, select_block - 1):
-        key_tile = jnp.where(used, (tiles.blocks + last_key) // select_block, num_key_tiles)
+        key_tile = jnp.where(used, (blocks + last_key) // select_block, num_key_tiles)
         hit = hit.at[rows, key_tile, cols].set(True)
     hit = hit[:, :num_key_tiles]
     order = jnp.argsort(~hit, axis=-1, stable=True).astype(jnp.int32)
-    return order, jnp.sum(hit, axis=-1, dtype=jnp.int32).reshape(-1)
+    return order[:, :, None], jnp.sum(hit, axis=-1, dtype=jnp.int32).reshape(-1)
