@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -18,6 +17,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 # Finite stand-in for -inf inside kernels: masked logits never produce inf - inf = NaN.
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Sorts after every real token index (marks unused entries before sorting or searching).
+AFTER_ALL = int(jnp.iinfo(jnp.int32).max)
 
 
 def default_block_q(group: int) -> int:
@@ -72,7 +73,8 @@ def online_softmax_step(carry, logits, mask, v):
     m_new = jnp.maximum(m, jnp.max(logits, axis=1, keepdims=True))
     p = jnp.where(mask, jnp.exp(logits - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
-    return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + dot(p.astype(v.dtype), v)
+    l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    return m_new, l_new, alpha * acc + dot(p.astype(v.dtype), v)
 
 
 def softmax_result(m, l, acc):
@@ -123,7 +125,7 @@ def dma_scratch(shapes_dtypes):
 
 
 def lse_for_backward(lse):
-    """-inf (rows that saw nothing; their probabilities are masked to 0) -> 0, so exp stays finite."""
+    """-inf (rows that saw nothing; their probabilities are masked to 0) -> 0: exp stays finite."""
     return jnp.where(jnp.isfinite(lse), lse, 0.0).astype(jnp.float32)
 
 
@@ -137,9 +139,11 @@ def prefetch_call(kernel, args, *, grid, num_prefetch, in_specs, out_specs, out_
                   num_reduction_axes: int, interpret):
     """pallas_call with `num_prefetch` scalar-prefetched leading args; the last
     `num_reduction_axes` grid axes accumulate into scratch (arbitrary), the others are parallel."""
-    semantics = ("parallel",) * (len(grid) - num_reduction_axes) + ("arbitrary",) * num_reduction_axes
+    num_parallel = len(grid) - num_reduction_axes
+    semantics = ("parallel",) * num_parallel + ("arbitrary",) * num_reduction_axes
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=num_prefetch, grid=grid,
                                              in_specs=in_specs, out_specs=out_specs,
                                              scratch_shapes=scratch)
     return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=interpret,
-                          compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))(*args)
+                          compiler_params=pltpu.CompilerParams(
+                              dimension_semantics=semantics))(*args)

@@ -20,8 +20,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.tpu import common
 
-_NONE = jnp.iinfo(jnp.int32).max
-
 
 class _Opts(NamedTuple):
     compress_block: int
@@ -47,7 +45,7 @@ def _ranges(doc_start, slot_start, opts: _Opts, tp: int, tcp: int):
     b, t = doc_start.shape
     l, qb, kb = opts.compress_block, opts.block_q, opts.block_k
     starts = jnp.pad(slot_start, [(0, 0), (0, tcp - slot_start.shape[1])], constant_values=-1)
-    ascending = jnp.where(starts >= 0, starts, _NONE)
+    ascending = jnp.where(starts >= 0, starts, common.AFTER_ALL)
     search = jax.vmap(functools.partial(jnp.searchsorted, side="left"))
     search_right = jax.vmap(functools.partial(jnp.searchsorted, side="right"))
 
@@ -58,7 +56,7 @@ def _ranges(doc_start, slot_start, opts: _Opts, tp: int, tcp: int):
     slot_lo, slot_hi = lo // kb, jnp.where(hi > lo, -(-hi // kb), lo // kb)
 
     tiles = starts.reshape(b, tcp // kb, kb)
-    smin = jnp.min(jnp.where(tiles >= 0, tiles, _NONE), axis=-1)
+    smin = jnp.min(jnp.where(tiles >= 0, tiles, common.AFTER_ALL), axis=-1)
     smax = jnp.max(tiles, axis=-1)
     seen_until = search_right(doc_start, smax)  # first query whose document starts after smax
     q_lo = jnp.where(smax >= 0, (smin + l - 1) // qb, 0)

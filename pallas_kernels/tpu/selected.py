@@ -1,12 +1,13 @@
 """Selected-block attention on TPU (Mosaic): forward, dQ and dK/dV kernels behind a custom_vjp.
 
 Forward and dQ: grid (B*Hkv, query tiles). A tile holds block_q positions x G heads as rows.
-The distinct block starts its queries selected arrive per step in SMEM (a BlockSpec with
-memory_space=SMEM), their number is scalar-prefetched; the kernel walks them with a dynamic
-trip count, DMAing each K/V block (K/V stay in HBM, memory_space=ANY) into a two-slot VMEM
-buffer while the previous block is computed, and masks per row by "did this row select this
-block" and "key <= query". dK/dV: grid (B*Hkv, key tiles of l' keys), walking the transposed
-list of query tiles that touched the key tile (built in XLA, no atomics).
+The number of distinct blocks its queries selected is scalar-prefetched (PrefetchScalarGridSpec);
+the block starts themselves arrive per step as an SMEM BlockSpec (pipelined like any block), since
+all T*Hkv*n of them would not fit in SMEM at long T. The kernel walks them with a dynamic trip
+count, DMAing each K/V block (K/V stay in HBM, memory_space=ANY) into a two-slot VMEM buffer
+while the previous block is computed, and masks per row by "did this row select this block" and
+"key <= query". dK/dV: grid (B*Hkv, key tiles of l' keys), walking the transposed list of query
+tiles that touched the key tile (built in XLA, no atomics) the same way.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def _walk_blocks(count_ref, blocks_ref, k_hbm, v_hbm, bufs, body, init):
     bh, i = pl.program_id(0), pl.program_id(1)
     hkv, lp = k_hbm.shape[1], kbuf.shape[1]
     b, h = bh // hkv, bh % hkv
-    sources = [lambda u, ref=ref: ref.at[b, h, pl.ds(blocks_ref[0, u], lp)] for ref in (k_hbm, v_hbm)]
+    sources = [lambda u, ref=ref: ref.at[b, h, pl.ds(blocks_ref[0, u], lp)]
+               for ref in (k_hbm, v_hbm)]
     count = count_ref[bh * pl.num_programs(1) + i]
     step = lambda u, views, carry: body(blocks_ref[0, u], views[0][...], views[1][...], carry)
     return common.gather_loop(count, sources, [kbuf, vbuf], sems, step, init)

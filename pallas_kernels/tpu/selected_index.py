@@ -10,10 +10,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from pallas_kernels.tpu.common import per_row
-
-_NONE = jnp.iinfo(jnp.int32).max
-
+from pallas_kernels.tpu import common
 
 class QueryTiles(NamedTuple):
     """row_starts [B, Hkv, Tp*G, n]: each row's usable block starts (-1: slot unused);
@@ -35,17 +32,18 @@ def query_tiles(indices, doc_start, *, select_block: int, block_q: int, padded_l
     start = doc_start[:, :, None, None] + idx * select_block
     pos = jnp.arange(t, dtype=jnp.int32)[None, :, None, None]
     start = jnp.where((idx >= 0) & (start <= pos), start, -1)  # [B, T, Hkv, n]
-    rows = per_row(start, group, padded_length, -1)  # [B, Tp*G, Hkv, n]
+    rows = common.per_row(start, group, padded_length, -1)  # [B, Tp*G, Hkv, n]
     row_starts = rows.transpose(0, 2, 1, 3)
 
     padded = jnp.pad(start, [(0, 0), (0, padded_length - t), (0, 0), (0, 0)], constant_values=-1)
     nt = padded_length // block_q
     tiles = padded.reshape(b, nt, block_q, hkv, n).transpose(0, 3, 1, 2, 4)
-    tiles = jnp.sort(jnp.where(tiles >= 0, tiles, _NONE).reshape(b * hkv, nt, block_q * n), -1)
+    unused = common.AFTER_ALL
+    tiles = jnp.sort(jnp.where(tiles >= 0, tiles, unused).reshape(b * hkv, nt, block_q * n), -1)
     first = jnp.concatenate([jnp.ones_like(tiles[..., :1], bool),
-                             tiles[..., 1:] != tiles[..., :-1]], axis=-1) & (tiles != _NONE)
-    blocks = jnp.sort(jnp.where(first, tiles, _NONE), axis=-1)
-    blocks = jnp.where(blocks == _NONE, 0, blocks)
+                             tiles[..., 1:] != tiles[..., :-1]], axis=-1) & (tiles != unused)
+    blocks = jnp.sort(jnp.where(first, tiles, unused), axis=-1)
+    blocks = jnp.where(blocks == unused, 0, blocks)
     count = jnp.sum(first, axis=-1, dtype=jnp.int32).reshape(-1)
     return QueryTiles(row_starts, blocks[:, :, None], count)
 
