@@ -4,6 +4,8 @@ TPU with jax.export at the paper's shape. Interpret mode is slow, so shapes are 
 is one jitted call computing outputs and gradients together."""
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from conftest import PAPER, SMALL, make_qkv, random_segments, rel_err
 from nsa_jax import ops
-from nsa_jax.ops import dispatch, pallas_tpu
+from nsa_jax.ops import dispatch, pallas_ops, pallas_tpu
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # bf16: MXU operands rounded, as on a TPU
 INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
@@ -84,7 +86,7 @@ def test_compressed_kernel_matches_oracle(key, no_races, b, t, hq, hkv, dk, dv, 
 # (B, T, Hq, Hkv, Dk, Dv, packed, block_q, realistic, dtype): indices from select_blocks, or any
 # integers.
 SELECTED_CASES = [
-    (1, 70, 4, 2, 8, 16, True, 4, True, jnp.float32),
+    (1, 70, 4, 2, 8, 16, True, 8, True, jnp.float32),
     (2, 50, 1, 1, 8, 8, False, 16, False, jnp.bfloat16),
 ]
 
@@ -131,6 +133,21 @@ def test_dispatch_uses_tpu_kernels_only_on_tpu(key):
     for op, fn in (("compressed_attention", pallas_tpu.compressed_attention),
                    ("selected_attention", pallas_tpu.selected_attention)):
         assert dispatch._REGISTRY[op].get("pallas") is not fn
+
+
+def test_tpu_backend_picks_the_kernels(monkeypatch):
+    """As on a TPU backend: "pallas" and None resolve to these kernels for the two ops."""
+    registry = {op: dict(table) for op, table in dispatch._REGISTRY.items()}
+    monkeypatch.setattr(dispatch, "_REGISTRY", registry)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    dispatch.pallas_backend.cache_clear()
+    try:
+        importlib.reload(pallas_ops)
+        assert dispatch.resolve(None) == "pallas"
+    finally:
+        dispatch.pallas_backend.cache_clear()
+    assert registry["compressed_attention"]["pallas"] is pallas_tpu.compressed_attention
+    assert registry["selected_attention"]["pallas"] is pallas_tpu.selected_attention
 
 
 def _paper_lowering(kernel: str):
