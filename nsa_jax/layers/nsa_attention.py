@@ -1,0 +1,84 @@
+"""NSAAttention: projections, RoPE, learned compression and gates around ops.nsa_attention."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax import ops
+from nsa_jax.config import ModelConfig
+from nsa_jax.layers.compressor import make_compressor
+from nsa_jax.layers.documents import check_segment_ids, document_positions
+from nsa_jax.layers.projections import KVProjection, dense, split_heads
+from nsa_jax.layers.rotary import apply_rope
+
+# sigmoid(-2) ~ 0.12 for cmp and slc, sigmoid(2) ~ 0.88 for win: the window branch dominates at
+# initialisation, so the model learns local patterns first (nsa_spec.md §1.1).
+GATE_BIAS_INIT = (-2.0, -2.0, 2.0)
+BRANCHES = ("cmp", "slc", "win")
+
+
+def _gate_bias_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.tile(jnp.asarray(GATE_BIAS_INIT, dtype), shape[0] // len(GATE_BIAS_INIT))
+
+
+class NSAAttention(nnx.Module):
+    """Native Sparse Attention layer with GQA (Hq = G * Hkv, any G >= 1).
+
+    Call: `(x [B, T, d_model], *, positions=None, segment_ids=None)
+    -> (y [B, T, d_model], {"gate_mean": [3] float32})`, gate means over batch, tokens and heads in
+    branch order (cmp, slc, win). positions default to document-relative token indices.
+
+    RoPE convention (decoding must reproduce it): queries and the selection/window keys are rotated
+    at their document-relative position t. Compressed keys are built from keys *before* RoPE: phi
+    maps the raw window of compressed token i (document-relative tokens [i*d, i*d + l - 1]) to one
+    key, which is then rotated at position i*d, the document-relative index of the window's first
+    token. Compressed values are not rotated. A query at t thus sees compressed token i at relative
+    distance t - i*d >= l - 1.
+
+    K/V: one projection serves all three branches (cfg.separate_branch_kv=False), or each branch
+    has its own (True, the paper's choice). phi for keys and for values are separate modules.
+    Gates: sigmoid(Linear(x)) per head and branch, zero weights and bias GATE_BIAS_INIT.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.q = dense(cfg, cfg.d_model, cfg.num_heads * cfg.head_dim, rngs=rngs)
+        self.kv = KVProjection(cfg, rngs=rngs)  # shared, or the selection branch's own
+        separate = cfg.separate_branch_kv
+        self.kv_cmp = KVProjection(cfg, rngs=rngs) if separate else None
+        self.kv_win = KVProjection(cfg, rngs=rngs) if separate else None
+        self.k_compressor = make_compressor(cfg, cfg.head_dim, rngs=rngs)
+        self.v_compressor = make_compressor(cfg, cfg.v_head_dim, rngs=rngs)
+        self.gate = dense(cfg, cfg.d_model, cfg.num_heads * len(BRANCHES), rngs=rngs, use_bias=True,
+                          kernel_init=nnx.initializers.zeros_init(), bias_init=_gate_bias_init)
+        self.out = dense(cfg, cfg.num_heads * cfg.v_head_dim, cfg.d_model, rngs=rngs)
+
+    def compress(self, k, v, *, segment_ids=None):
+        """Compressed (k_cmp, v_cmp) [B, Tc, Hkv, D] from pre-RoPE k and v, with the RoPE convention
+        of the class docstring applied to k_cmp. Padding slots are zero."""
+        k_cmp, position = self.k_compressor(k, segment_ids=segment_ids)
+        v_cmp, _ = self.v_compressor(v, segment_ids=segment_ids)
+        return apply_rope(k_cmp, position, self.cfg.rope_theta), v_cmp
+
+    def gates(self, x):
+        """[B, T, Hq, 3] in [0, 1], order (cmp, slc, win)."""
+        return jax.nn.sigmoid(split_heads(self.gate(x), self.cfg.num_heads))
+
+    def __call__(self, x, *, positions=None, segment_ids=None):
+        cfg, (batch, length, _) = self.cfg, x.shape
+        check_segment_ids(segment_ids, batch, length)
+        if positions is None:
+            positions = document_positions(segment_ids, batch, length)
+        rotate = lambda t: apply_rope(t, positions, cfg.rope_theta)
+        q = rotate(split_heads(self.q(x), cfg.num_heads))
+        k, v = self.kv(x)
+        k_cmp, v_cmp = self.compress(*(self.kv_cmp(x) if self.kv_cmp is not None else (k, v)),
+                                     segment_ids=segment_ids)
+        k_win, v_win = self.kv_win(x) if self.kv_win is not None else (None, None)
+        gates = self.gates(x)
+        o = ops.nsa_attention(
+            q, rotate(k), v, gates.astype(q.dtype), cfg.nsa, k_cmp=k_cmp, v_cmp=v_cmp,
+            k_win=None if k_win is None else rotate(k_win), v_win=v_win,
+            segment_ids=segment_ids, implementation=cfg.implementation)
+        y = self.out(o.reshape(batch, length, -1))
+        return y, {"gate_mean": jnp.mean(gates.astype(jnp.float32), axis=(0, 1, 2))}
