@@ -41,10 +41,13 @@ class _Layout(NamedTuple):
     group: int
 
 
-def _ranges(doc_start, slot_start, opts: _Opts, tp: int, tcp: int):
+def _ranges(doc_start, starts, opts: _Opts, tp: int):
+    """Slot-tile range per query tile and query-tile range per slot tile (see the module
+    docstring), from the padded slot starts [B, Tcp]. Too wide would only waste work (the kernels
+    mask every logit); these are tight."""
     b, t = doc_start.shape
+    tcp = starts.shape[1]
     l, qb, kb = opts.compress_block, opts.block_q, opts.block_k
-    starts = jnp.pad(slot_start, [(0, 0), (0, tcp - slot_start.shape[1])], constant_values=-1)
     ascending = jnp.where(starts >= 0, starts, common.AFTER_ALL)
     search = jax.vmap(functools.partial(jnp.searchsorted, side="left"))
     search_right = jax.vmap(functools.partial(jnp.searchsorted, side="right"))
@@ -63,8 +66,10 @@ def _ranges(doc_start, slot_start, opts: _Opts, tp: int, tcp: int):
     q_hi = jnp.where(smax >= 0, -(-seen_until // qb), 0)
 
     def pack(lo, hi, num_tiles):  # lo kept a valid tile index so clamped index maps stay in range
+        empty = hi <= lo
         lo = jnp.minimum(lo, num_tiles - 1)
-        return lo.reshape(-1).astype(jnp.int32), jnp.maximum(hi, lo).reshape(-1).astype(jnp.int32)
+        hi = jnp.where(empty, lo, hi)
+        return lo.reshape(-1).astype(jnp.int32), hi.reshape(-1).astype(jnp.int32)
 
     return pack(slot_lo, slot_hi, tcp // kb), pack(q_lo, q_hi, tp // qb)
 
@@ -77,7 +82,7 @@ def _layout(q, k, v, doc_start, slot_start, opts: _Opts) -> _Layout:
     tcp = common.round_up(max(k.shape[1], 1), opts.block_k)
     pos = common.per_row(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), g, tp, -1)
     start = jnp.pad(slot_start, [(0, 0), (0, tcp - slot_start.shape[1])], constant_values=-1)
-    slot_range, query_range = _ranges(doc_start, slot_start, opts, tp, tcp)
+    slot_range, query_range = _ranges(doc_start, start, opts, tp)
     return _Layout(common.to_rows(q, hkv, tp), common.keys_major(k, tcp),
                    common.keys_major(v, tcp), pos[..., None],
                    common.per_row(doc_start, g, tp, 0)[..., None], start[:, None, :],
