@@ -25,8 +25,9 @@ def register(op: str, implementation: str):
 
 @functools.cache
 def pallas_backend() -> bool:
-    """Pallas kernels run compiled on GPU; elsewhere they run in interpret mode (slow, for tests)."""
-    return jax.default_backend() == "gpu"
+    """Pallas kernels run compiled on GPU and TPU; elsewhere they run in interpret mode (slow, for
+    tests)."""
+    return jax.default_backend() in ("gpu", "tpu")
 
 
 def resolve(implementation) -> str:

@@ -1,7 +1,10 @@
 """Registers the Pallas kernels that exist with the dispatcher (imported lazily, on first use of
 implementation="pallas"). Ops without a kernel fall back to xla in `dispatch.run`; off-GPU the
-kernels run in Pallas interpret mode (slow: for tests)."""
+GPU kernels run in Pallas interpret mode (slow: for tests). On a TPU backend the Mosaic TPU
+kernels replace them (registered last)."""
 from __future__ import annotations
+
+import jax
 
 from nsa_jax.ops import dispatch, layout
 
@@ -13,3 +16,9 @@ def _selected_attention_pallas(q, k, v, indices, cfg, segment_ids, scale):
     doc_start = None if segment_ids is None else layout.document_starts(segment_ids, *q.shape[:2])
     return gpu.selected_attention(q, k, v, indices, cfg, doc_start=doc_start, scale=scale,
                                   interpret=not dispatch.pallas_backend())
+
+
+if jax.default_backend() == "tpu":  # Mosaic TPU kernels compile only for TPUs
+    from nsa_jax.ops import pallas_tpu
+
+    pallas_tpu.register()
