@@ -1,24 +1,14 @@
 """Registers the Pallas kernels that exist with the dispatcher (imported lazily, on first use of
-implementation="pallas"). Ops without a kernel fall back to xla in `dispatch.run`; off-GPU the
-GPU kernels run in Pallas interpret mode (slow: for tests). On a TPU backend the Mosaic TPU
-kernels replace them (registered last)."""
+implementation="pallas"): the Mosaic TPU kernels on a TPU backend, the Triton GPU kernels
+everywhere else (compiled on GPU, interpret mode on CPU for tests). Ops without a kernel on the
+current backend fall back to xla in `dispatch.run`."""
 from __future__ import annotations
 
 import jax
 
-from nsa_jax.ops import dispatch, layout
-
-
-@dispatch.register("selected_attention", "pallas")
-def _selected_attention_pallas(q, k, v, indices, cfg, segment_ids, scale):
-    from pallas_kernels import gpu
-
-    doc_start = None if segment_ids is None else layout.document_starts(segment_ids, *q.shape[:2])
-    return gpu.selected_attention(q, k, v, indices, cfg, doc_start=doc_start, scale=scale,
-                                  interpret=not dispatch.pallas_backend())
-
-
 if jax.default_backend() == "tpu":  # Mosaic TPU kernels compile only for TPUs
-    from nsa_jax.ops import pallas_tpu
+    from nsa_jax.ops import pallas_tpu as _kernels
+else:
+    from nsa_jax.ops import pallas_gpu as _kernels
 
-    pallas_tpu.register()
+_kernels.register()
