@@ -100,8 +100,9 @@ def branches(t, hq, hkv):
     lse = ops.compressed_attention(q, k_cmp, v_cmp, CFG, implementation="xla")[1]
     select = jax.jit(lambda *x: dispatch.run("select", "pallas", *x, CFG, None, scale))
     idx = jax.jit(lambda *x: dispatch.run("select", "xla", *x, CFG, None, scale))(q, k_cmp, lse)
+    compress = jax.jit(lambda x: ops.compress(x, CFG, implementation="pallas"))
     parts = {
-        "compress (per tensor)": (jax.jit(lambda x: ops.compress(x, CFG, implementation="pallas")), (k,)),
+        "compress (per tensor)": (compress, (k,)),
         "compressed": (cmp, (q, k_cmp, v_cmp)),
         "select (score+top-n)": (select, (q, k_cmp, lse)),
         "selected": (jax.jit(lambda *x: ops.selected_attention(*x, CFG, implementation="pallas")),
