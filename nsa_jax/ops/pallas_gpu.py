@@ -1,30 +1,74 @@
 """The GPU Pallas kernels (`pallas_kernels.gpu`, Triton lowering) behind the functional ops.
 
-`register()` makes them the "pallas" implementation of the ops they cover; `pallas_ops` calls it
-on every backend but TPU. Off-GPU they run in Pallas interpret mode (slow: for tests). Document
-starts and slot layouts are built here in XLA, so the kernels never see segment_ids.
+`register()` makes them the "pallas" implementation of compressed_attention, select (fused block
+scoring + top-n), selected_attention and window_attention (cuDNN's sliding window where its
+constraints hold, xla otherwise); `pallas_ops` calls it on every backend but TPU. Off-GPU the
+kernels run in Pallas interpret mode (slow: for tests). Document starts and slot layouts are
+built here in XLA, so the kernels never see segment_ids.
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from nsa_jax.ops import dispatch, layout
 
 
-def _interpret() -> bool:
-    return jax.default_backend() != "gpu"
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
 
 
 def _doc_start(segment_ids, q):
     return None if segment_ids is None else layout.document_starts(segment_ids, *q.shape[:2])
 
 
+def _slot_start(segment_ids, q, cfg):
+    return layout.compressed_layout(segment_ids, *q.shape[:2], cfg).start
+
+
 def selected_attention(q, k, v, indices, cfg, segment_ids, scale):
     from pallas_kernels import gpu
 
     return gpu.selected_attention(q, k, v, indices, cfg, doc_start=_doc_start(segment_ids, q),
-                                  scale=scale, interpret=_interpret())
+                                  scale=scale, interpret=not _on_gpu())
+
+
+def compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids, scale):
+    from pallas_kernels import gpu
+
+    return gpu.compressed_attention(q, k_cmp, v_cmp, _slot_start(segment_ids, q, cfg), cfg,
+                                    doc_start=_doc_start(segment_ids, q), scale=scale,
+                                    interpret=not _on_gpu())
+
+
+def select(q, k_cmp, lse, cfg, segment_ids, scale):
+    from pallas_kernels import gpu
+
+    stop = jax.lax.stop_gradient
+    return gpu.select_blocks(stop(q), stop(k_cmp), stop(lse), _slot_start(segment_ids, q, cfg),
+                             cfg, doc_start=_doc_start(segment_ids, q), scale=scale,
+                             interpret=not _on_gpu())
+
+
+def _cudnn_window_fits(q, k, v, segment_ids) -> bool:
+    """cuDNN's fused attention: GPU, half precision, Dk == Dv a multiple of 8 up to 256, and no
+    packed documents (jax.nn.dot_product_attention has no segment ids)."""
+    dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
+    return (_on_gpu() and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16)
+            and len(dims) == 1 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+def window_attention(q, k, v, cfg, segment_ids, scale):
+    if not _cudnn_window_fits(q, k, v, segment_ids):
+        return dispatch.run("window_attention", "xla", q, k, v, cfg, segment_ids, scale)
+    # is_causal=True is required: a left-only window without it attends to the future on cuDNN.
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        local_window_size=(cfg.window - 1, 0),
+                                        implementation="cudnn")
 
 
 def register():
-    dispatch.register("selected_attention", "pallas")(selected_attention)
+    for op, fn in (("selected_attention", selected_attention),
+                   ("compressed_attention", compressed_attention), ("select", select),
+                   ("window_attention", window_attention)):
+        dispatch.register(op, "pallas")(fn)

@@ -14,22 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig
+from pallas_kernels.gpu.padding import pad_to, pow2
 from pallas_kernels.gpu.selected_bwd import selected_dkv, selected_dq
 from pallas_kernels.gpu.selected_fwd import Tiling, selected_forward
 from pallas_kernels.gpu.selected_index import (absolute_block_starts, key_tile_entries,
                                                query_tile_union)
 
 _MIN_ROWS = 16  # smallest dot row count kept on GPU
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-def _pad_to(x, sizes):
-    """Zero-pad x at the end of each axis up to `sizes` (None = keep)."""
-    widths = [(0, 0 if s is None else s - n) for n, s in zip(x.shape, sizes)]
-    return jnp.pad(x, widths) if any(w for _, w in widths) else x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -52,7 +43,7 @@ def _selected_bwd(tiling, res, do5):
                                tiling.entries_per_step, tiling.aligned)
     dk, dv = selected_dkv(tiling, q5, k, v, do5, lse, delta, entries)
     rows_kv = (None, k.shape[1], None, None)
-    return dq, _pad_to(dk, rows_kv), _pad_to(dv, rows_kv), None, None, None
+    return dq, pad_to(dk, rows_kv), pad_to(dv, rows_kv), None, None, None
 
 
 _selected.defvjp(_selected_fwd, _selected_bwd)
@@ -99,7 +90,7 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     _check_inputs(q, k, v, indices, doc_start)
     b, t, hq, dk = q.shape
     hkv, dv, block = k.shape[2], v.shape[3], cfg.select_block
-    g, gp = hq // hkv, _pow2(hq // hkv)
+    g, gp = hq // hkv, pow2(hq // hkv)
     qb = queries_per_program or max(1, _MIN_ROWS // gp)
     if qb not in (1, 2, 4, 8, 16):
         raise ValueError(f"queries_per_program must be a power of 2 <= 16, got {qb}")
@@ -107,12 +98,12 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     # several queries (G < 16, or a shared selection) with 4 and 2 (2 warps spill at 128 rows).
     num_warps = num_warps or (2 if qb == 1 else 4)
     num_stages = num_stages or (3 if qb == 1 else 2)
-    dkp, dvp = _pow2(dk), _pow2(dv)
+    dkp, dvp = pow2(dk), pow2(dv)
     # dK/dV gathers q and dO rows per step; float32 needs extra staging for its TF32 dots. On an
     # H100, 128 f32 rows of D=128 asked for 355 KiB of the 227 KiB of shared memory, and 128 bf16
     # rows of D=128 ran 3% faster than 256.
     budget = 2**16 if q.dtype.itemsize == 2 else 2**15
-    bwd_rows = max(_MIN_ROWS, _pow2(budget // ((dkp + dvp) * q.dtype.itemsize) + 1) // 2)
+    bwd_rows = max(_MIN_ROWS, pow2(budget // ((dkp + dvp) * q.dtype.itemsize) + 1) // 2)
     per_step = entries_per_step or max(1, bwd_rows // (qb * gp))
     if per_step & (per_step - 1):
         raise ValueError(f"entries_per_step must be a power of 2, got {per_step}")
@@ -125,9 +116,9 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     tq = -(-t // qb) * qb
     # An unaligned block may run up to l' - 1 keys past the last aligned tile.
     t_kv = tiling.num_key_tiles * block + (0 if aligned else block)
-    q5 = _pad_to(q.reshape(b, t, hkv, g, dk), (None, tq, None, gp, dkp))
-    kp = _pad_to(k, (None, t_kv, None, dkp))
-    vp = _pad_to(v, (None, t_kv, None, dvp))
+    q5 = pad_to(q.reshape(b, t, hkv, g, dk), (None, tq, None, gp, dkp))
+    kp = pad_to(k, (None, t_kv, None, dkp))
+    vp = pad_to(v, (None, t_kv, None, dvp))
     if doc_start is None:
         doc_start = jnp.zeros((b, t), jnp.int32)
     starts = absolute_block_starts(indices, doc_start, block)
