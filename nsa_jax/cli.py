@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -42,3 +43,51 @@ def demo(argv=None) -> None:
     print("selected blocks (KV head 0; block j = tokens [64j, 64j+63]; -1 = unused slot):")
     for t in sorted({0, 63, 64, 700, args.length // 2, args.length - 1} & set(range(args.length))):
         print(f"  query {t:6d} (block {t // cfg.select_block:3d}): {aux['indices'][0, t, 0].tolist()}")
+
+
+TRAIN_USAGE = """usage: nsa-train --config FILE [--workdir DIR] [--config.key=value ...]
+
+Train the run described by FILE (a Python file whose get_config() returns an ml_collections
+ConfigDict; see configs/). DIR defaults to runs/<FILE name>. Re-running the same command resumes
+from the newest good checkpoint in DIR. SIGTERM / Ctrl-C save a checkpoint and stop."""
+
+EVAL_USAGE = """usage: nsa-eval --workdir DIR [--config.eval.key=value ...]
+
+Evaluate the newest checkpoint of the nsa-train run in DIR: validation loss and perplexity at
+each context length of config.eval.lengths, passkey retrieval accuracy on the
+(eval.passkey_lengths x eval.passkey_depths) grid. Writes DIR/eval.json and DIR/eval.png."""
+
+
+def train(argv=None) -> None:
+    """`nsa-train` and `python -m nsa_jax.train`."""
+    from nsa_jax.train import Interrupted, TrainingDiverged, parse_train_args, train as run
+
+    argv = _args_or_usage(argv, TRAIN_USAGE)
+    try:
+        config, workdir = parse_train_args(argv)
+        run(config, workdir)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as error:
+        sys.exit(f"nsa-train: error: {error}")
+    except Interrupted as stop:
+        print(f"nsa-train: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+
+
+def evaluate(argv=None) -> None:
+    """`nsa-eval` and `python -m nsa_jax.eval`."""
+    from nsa_jax.eval import evaluate_workdir, parse_eval_args
+
+    argv = _args_or_usage(argv, EVAL_USAGE)
+    try:
+        config, workdir = parse_eval_args(argv)
+        evaluate_workdir(config, workdir)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"nsa-eval: error: {error}")
+
+
+def _args_or_usage(argv, usage: str) -> list[str]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or {"-h", "--help"} & set(argv):
+        print(usage)
+        sys.exit(0 if argv else 2)
+    return argv

@@ -48,3 +48,15 @@ def rel_err(a, b):
     if not finite.any():
         return 0.0
     return float(np.max(np.abs(a[finite] - b[finite])) / max(np.max(np.abs(b[finite])), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(workdir, summary) of the shrunk configs/tiny.py trained once per session; compiled steps
+    are shared with every later run of the session through JAX's persistent cache."""
+    from nsa_jax.train import train
+    from tests.train_helpers import share_compilations, tiny_config
+
+    share_compilations(tmp_path_factory.getbasetemp() / "jax_cache")
+    workdir = tmp_path_factory.mktemp("tiny")
+    return workdir, train(tiny_config(), workdir)

@@ -1,0 +1,54 @@
+"""nsa-eval: evaluate the newest good checkpoint of a training run."""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nsa_jax.eval.context_length import loss_by_length
+from nsa_jax.eval.passkey import passkey_grid
+from nsa_jax.eval.report import write_report
+from nsa_jax.train.checkpoint import Checkpointer
+from nsa_jax.train.model import build_model, forward
+from nsa_jax.train.settings import resolve
+from nsa_jax.train.step import make_eval_step
+
+
+def evaluate_workdir(config, workdir) -> dict:
+    """Loss by context length and the passkey grid for the run in `workdir` (its stored config
+    with any overrides); writes eval.json and eval.png there and returns the result."""
+    run, workdir = resolve(config), pathlib.Path(workdir)
+    model_def, model_state = nnx.split(build_model(run.model, run.train.seed))
+    checkpointer = Checkpointer(workdir, run.train.max_to_keep)
+    try:
+        restored = checkpointer.restore_latest(model_state)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first "
+                                f"(nsa-train --config ... --workdir {workdir})")
+    step, model_state = restored[0], restored[1]
+    settings = run.eval
+    print(f"{run.train.name}: evaluating the checkpoint of step {step}", flush=True)
+    logits = jax.jit(lambda state, batch: forward(nnx.merge(model_def, state), batch)[0])
+    lengths = loss_by_length(make_eval_step(model_def), model_state, run.data, settings.lengths,
+                             settings.batch_size, settings.max_batches)
+    for row in lengths:
+        print(f"  length {row['length']:>6}: val_loss {row['val_loss']:.4f}  perplexity "
+              f"{row['val_perplexity']:.2f}", flush=True)
+    accuracy = passkey_grid(
+        lambda batch: np.asarray(logits(model_state, {k: batch[k] for k in
+                                                      ("tokens", "segment_ids")})),
+        settings.passkey_lengths, settings.passkey_depths, settings.passkey_examples,
+        settings.batch_size, run.train.seed)
+    result = {"step": step, "loss_by_length": lengths,
+              "passkey": {"lengths": list(settings.passkey_lengths),
+                          "depths": list(settings.passkey_depths),
+                          "examples": settings.passkey_examples, "accuracy": accuracy.tolist()}}
+    json_path, png_path = write_report(result, workdir, run.train.name)
+    print(f"  passkey accuracy (rows: lengths {list(settings.passkey_lengths)}, columns: depths "
+          f"{list(settings.passkey_depths)}):\n{np.array2string(accuracy, precision=2)}\n"
+          f"wrote {json_path} and {png_path}", flush=True)
+    return result

@@ -1,0 +1,159 @@
+"""The train loop: resume, step, report, evaluate, checkpoint, stop on a signal or on NaN."""
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+
+import jax
+from flax import nnx
+
+from nsa_jax.data import make_train_batch
+from nsa_jax.train.checkpoint import Checkpointer
+from nsa_jax.train.interrupts import Interrupted, catch_stop_signals
+from nsa_jax.train.metrics import MetricsLog, plot_losses
+from nsa_jax.train.model import build_model
+from nsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from nsa_jax.train.progress import Progress, format_eval_line, format_train_line
+from nsa_jax.train.settings import RunConfig, resolve
+from nsa_jax.train.step import make_eval_step, make_train_step
+from nsa_jax.train.validation_loss import validation_loss
+from nsa_jax.train.workdir import prepare_workdir
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or gradient norm became NaN or Inf; nothing after the last checkpoint is saved."""
+
+
+def train(config, workdir) -> dict:
+    """Train the run `config` (ConfigDict or dict) in `workdir`, resuming from the newest good
+    checkpoint there. Returns the last training and evaluation metrics."""
+    run, workdir = resolve(config), pathlib.Path(workdir)
+    prepare_workdir(workdir, config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    trainer = Trainer(run, workdir)
+    try:
+        trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.checkpointer.wait()
+        trainer.checkpointer.close()
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, workdir: pathlib.Path):
+        self.run, self.workdir, steps = run, workdir, run.train.steps
+        self._started = time.perf_counter()
+        self.schedule = learning_rate_schedule(run.optimizer, steps)
+        model = build_model(run.model, run.train.seed)
+        optimizer = nnx.Optimizer(model, make_optimizer(run.optimizer, steps), wrt=nnx.Param)
+        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        model_def, model_state = nnx.split(model)
+        opt_def, opt_state = nnx.split(optimizer)
+        # checkpoints restore committed arrays; committing fresh ones too makes a started and a
+        # resumed run compile (and cache) the very same step
+        self.model_state, self.opt_state = jax.device_put((model_state, opt_state),
+                                                          jax.devices()[0])
+        self.train_step = make_train_step(model_def, opt_def)
+        self.eval_step = make_eval_step(model_def)
+        self.checkpointer = Checkpointer(workdir, run.train.max_to_keep)
+        self.log = MetricsLog(workdir)
+        self.step = 0
+
+    def resume(self) -> None:
+        restored = self.checkpointer.restore_latest(self.model_state, self.opt_state)
+        if restored is not None:
+            self.step, self.model_state, self.opt_state, _ = restored
+        self.log.truncate_after(self.step)
+
+    def fit(self) -> dict:
+        t = self.run.train
+        self.progress = Progress(t.steps, self.step)
+        self.progress.line(self._header())
+        if self.step == 0:
+            self._evaluate()
+        self._first_step, self._window = self.step + 1, 0
+        self._clock = time.perf_counter()
+        with catch_stop_signals() as signals:
+            pending = None
+            for step in range(self.step + 1, t.steps + 1):
+                batch = make_train_batch(self.run.data, t.seed, step - 1)
+                self.model_state, self.opt_state, metrics = self.train_step(
+                    self.model_state, self.opt_state, batch)
+                if pending is not None:  # read step - 1 while step runs (async dispatch)
+                    self._report(*pending)
+                pending, self.step = (step, metrics), step
+                save = step % t.checkpoint_every == 0 or step == t.steps or bool(signals)
+                evaluate = step % t.eval_every == 0 or step == t.steps
+                if save or evaluate:  # never checkpoint or evaluate a diverged state
+                    self._report(*pending)
+                    pending = None
+                if save:
+                    self._save()
+                if evaluate:
+                    self._evaluate()
+                if signals:
+                    self.progress.close()
+                    raise Interrupted(signals[0], step)
+        self.progress.close()
+        return self._finish()
+
+    def _header(self) -> str:
+        r, d = self.run, self.run.data
+        where = (f"resuming at step {self.step}" if self.step else "starting at step 0")
+        return (f"{r.train.name}: {r.model.attention} attention, {self.num_params / 1e6:.2f}M "
+                f"parameters ({r.model.num_layers} layers, d_model {r.model.d_model}); batch "
+                f"{d.batch_size} x {d.seq_len} tokens; {r.train.steps} steps on "
+                f"{jax.default_backend()} ({jax.device_count()} device(s)); {where}; workdir "
+                f"{self.workdir}")
+
+    def _report(self, step: int, metrics) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {values['loss']}, grad_norm "
+                f"{values['grad_norm']}. Nothing after the last checkpoint was kept; lower "
+                "optimizer.learning_rate or raise optimizer.warmup_steps and start again.")
+        self.progress.advance(values["loss"])
+        self._window += 1
+        if step == self._first_step:
+            self.progress.line(f"compiled and ran the first step in "
+                               f"{time.perf_counter() - self._clock:.1f} s")
+            self._window, self._clock = 0, time.perf_counter()
+        if step % self.run.train.log_every == 0 or step == self.run.train.steps:
+            self._log_train(step, values)
+
+    def _log_train(self, step: int, values: dict) -> None:
+        elapsed = max(time.perf_counter() - self._clock, 1e-9)
+        per_step = elapsed / max(self._window, 1)
+        tokens = self.run.data.batch_size * self.run.data.seq_len
+        record = {"step": step, "loss": values.pop("loss"), **values, "learning_rate": float(self.schedule(step - 1)),
+                  "tokens_per_s": tokens / per_step}
+        self.log.write(record)
+        self.progress.line(format_train_line(record, self.run.train.steps,
+                                             per_step * (self.run.train.steps - step)))
+        self._window, self._clock = 0, time.perf_counter()
+
+    def _evaluate(self) -> None:
+        started = time.perf_counter()
+        record = {"step": self.step, **validation_loss(self.eval_step, self.model_state,
+                                                        self.run.data, self.run.train.eval_batches)}
+        self.log.write(record)
+        self.progress.line(format_eval_line(record))
+        plot_losses(self.log.read(), self.workdir / "loss.png", self.run.train.name)
+        if hasattr(self, "_clock"):  # evaluation time is not training throughput
+            self._clock += time.perf_counter() - started
+
+    def _save(self) -> None:
+        self.checkpointer.save(self.step, self.model_state, self.opt_state,
+                               {"step": self.step, "name": self.run.train.name})
+
+    def _finish(self) -> dict:
+        records = self.log.read()
+        last = {kind: next((r for r in reversed(records) if key in r), {})
+                for kind, key in (("train", "loss"), ("eval", "val_loss"))}
+        self.progress.line(
+            f"done: step {self.step}, {time.perf_counter() - self._started:.0f} s since the model "
+            f"was built; train loss {last['train'].get('loss', math.nan):.4f}, val_loss "
+            f"{last['eval'].get('val_loss', math.nan):.4f}\n  metrics {self.log.path}\n  plot "
+            f"{self.workdir / 'loss.png'}\n  checkpoints {self.workdir / 'checkpoints'}")
+        return {"step": self.step, **last}

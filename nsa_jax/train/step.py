@@ -1,0 +1,50 @@
+"""The jitted pure functions of a run: one optimizer update, and one validation batch.
+
+Model and optimizer travel through jit as nnx.State pytrees (split once, merged inside the
+trace), which keeps per-step Python overhead to a jax.jit dispatch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nsa_jax.train.model import forward
+
+
+def token_losses(model, batch):
+    """-> (sum of masked cross-entropy, number of target tokens, gate means)."""
+    logits, gates = forward(model, batch)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    return jnp.sum(ce * mask), jnp.sum(mask), gates
+
+
+def mean_loss(model, batch):
+    total, count, gates = token_losses(model, batch)
+    return total / jnp.maximum(count, 1.0), gates
+
+
+def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef):
+    """(model_state, opt_state, batch) -> (model_state, opt_state, metrics)."""
+
+    def train_step(model_state, opt_state, batch):
+        model = nnx.merge(model_def, model_state)
+        optimizer = nnx.merge(opt_def, opt_state)
+        (loss, gates), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model, batch)
+        optimizer.update(model, grads)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **gates}
+        return nnx.state(model), nnx.state(optimizer), metrics
+
+    return jax.jit(train_step)
+
+
+def make_eval_step(model_def: nnx.GraphDef):
+    """(model_state, batch) -> (summed token loss, token count)."""
+
+    def eval_step(model_state, batch):
+        total, count, _ = token_losses(nnx.merge(model_def, model_state), batch)
+        return total, count
+
+    return jax.jit(eval_step)

