@@ -1,6 +1,8 @@
 """Decoding parity: prefill plus token-by-token decoding reproduce the parallel forward's logits
 (float32, CPU), for every attention kind, compressor and K/V sharing, with a batch of prompts of
 different lengths; the cached compressed tokens equal the parallel compressor's."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,35 +37,39 @@ def _model(seed, **overrides):
     return model
 
 
-def _decode_all(model, tokens, prompts, steps):
-    """Logits of every prompt position (prefill) and of `steps` decoded positions per row."""
-    lengths = jnp.asarray(prompts, jnp.int32)
-    prompt = tokens[:, :max(prompts)]
-    max_len = tokens.shape[1]
-    logits, state = nnx.jit(lambda m, t, n: decode.prefill(m, t, n, max_len))(
-        model, prompt, lengths)
-    step = nnx.jit(decode.step)
-    rows, decoded = jnp.arange(tokens.shape[0]), []
-    for _ in range(steps):
-        out, state = step(model, state, tokens[rows, state.lengths])
-        decoded.append(out)
-    return logits, jnp.stack(decoded, axis=1), state
+CASES = {  # one layer each, except one case that checks decoding through a second layer
+    "nsa-mean-2layers": dict(attention="nsa", compressor="mean"),
+    "nsa-linear-separate": dict(attention="nsa", compressor="linear", separate_branch_kv=True,
+                                num_layers=1),
+    "nsa-mlp-dv6": dict(attention="nsa", compressor="mlp", v_head_dim=6, num_layers=1),
+    "nsa-mlp-separate-mqa": dict(attention="nsa", compressor="mlp", separate_branch_kv=True,
+                                 num_kv_heads=1, num_layers=1),
+    "full": dict(attention="full", num_layers=1),
+    "window": dict(attention="window", num_layers=1),
+}
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(attention="nsa", compressor="mean"),
-    dict(attention="nsa", compressor="linear", separate_branch_kv=True),
-    dict(attention="nsa", compressor="mlp", v_head_dim=6),
-    dict(attention="nsa", compressor="mlp", separate_branch_kv=True, num_kv_heads=1),
-    dict(attention="full"),
-    dict(attention="window"),
-], ids=["nsa-mean", "nsa-linear-separate", "nsa-mlp-dv6", "nsa-mlp-separate-mqa", "full",
-        "window"])
-def test_decoding_reproduces_parallel_logits(overrides):
-    model = _model(7, **overrides)
+@functools.cache
+def _decoded(case: str):
+    """(model, tokens, parallel logits, prefill logits, logits of STEPS decoded tokens per row,
+    final state) for one case; shared by the tests below to compile each case once."""
+    model = _model(7, **CASES[case])
     tokens = jax.random.randint(jax.random.key(3), (2, max(PROMPTS) + STEPS), 0, 29)
     parallel = nnx.jit(lambda m, t: m(t))(model, tokens)
-    prefilled, decoded, state = _decode_all(model, tokens, PROMPTS, STEPS)
+    max_len = tokens.shape[1]
+    prefilled, state = nnx.jit(lambda m, t, n: decode.prefill(m, t, n, max_len))(
+        model, tokens[:, :max(PROMPTS)], jnp.asarray(PROMPTS, jnp.int32))
+    step = nnx.jit(decode.step)
+    rows, decoded = jnp.arange(tokens.shape[0]), []
+    for _ in range(STEPS):
+        out, state = step(model, state, tokens[rows, state.lengths])
+        decoded.append(out)
+    return model, tokens, parallel, prefilled, jnp.stack(decoded, axis=1), state
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_decoding_reproduces_parallel_logits(case):
+    _, _, parallel, prefilled, decoded, state = _decoded(case)
     for row, n in enumerate(PROMPTS):
         assert rel_err(prefilled[row, :n], parallel[row, :n]) < TOLERANCE
         assert rel_err(decoded[row], parallel[row, n:n + STEPS]) < TOLERANCE, f"row {row}"
@@ -72,10 +78,8 @@ def test_decoding_reproduces_parallel_logits(overrides):
 
 def test_cached_compressed_tokens_equal_parallel_compression():
     """The tokens appended one at a time (phi on the pending window, RoPE at i*d) are the ones
-    the training path builds for the whole sequence (checked in the first layer)."""
-    model = _model(11, attention="nsa", compressor="mlp", separate_branch_kv=True)
-    tokens = jax.random.randint(jax.random.key(5), (2, max(PROMPTS) + STEPS), 0, 29)
-    _, _, state = _decode_all(model, tokens, PROMPTS, STEPS)
+    the training path builds for the whole sequence."""
+    model, tokens, _, _, _, state = _decoded("nsa-mlp-separate-mqa")
     attn = model.blocks[0].attn
     h = model.blocks[0].attn_norm(model.embed(tokens))
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)

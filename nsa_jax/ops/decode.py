@@ -67,9 +67,8 @@ def dense_decode_attention(q, k, v, position, *, window=None, scale=None):
     _check_position(position, b)
     scale = validation.default_scale(scale, dk)
     if window is None:
-        slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
-        return _attend(q, k, v, slots, slots <= position[:, None], scale)[0]
-    return _attend(q, k, v, *window_slots(position, window, k.shape[1]), scale)[0]
+        return _attend_all(q, k, v, jnp.arange(k.shape[1]) <= position[:, None], scale)[0]
+    return _attend(q, k, v, *window_slots(position, window, k.shape[1]), scale)
 
 
 def _check_query(q):
@@ -136,39 +135,46 @@ def group_queries(q, kv_heads: int):
     return q.reshape(b, kv_heads, hq // kv_heads, d)
 
 
+def _attend_all(q, k, v, use, scale):
+    """Softmax attention of q [B, Hq, Dk] over every slot of k/v [B, N, Hkv, D] where `use`
+    [B, N] -> (o [B, Hq, Dv], lse [B, Hkv, G], logits [B, Hkv, G, N]). Products in the cache's
+    dtype, accumulated in float32 (exact for float32 caches): the cache is never copied."""
+    b, hq, _ = q.shape
+    cd = compute_dtype(q)
+    logits = jnp.einsum("bhgd,bshd->bhgs", group_queries(q.astype(k.dtype), k.shape[2]), k,
+                        precision="highest", preferred_element_type=cd) * scale
+    probs, lse = normalise(*masked_softmax_stats(logits, use[:, None, None]))
+    o = jnp.einsum("bhgs,bshd->bhgd", probs.astype(v.dtype), v, precision="highest",
+                   preferred_element_type=cd)
+    return o.reshape(b, hq, -1).astype(q.dtype), lse[..., 0], logits
+
+
 def _attend(q, k, v, slots, use, scale):
-    """Softmax attention of q [B, Hq, Dk] over the cache slots [B, K] or [B, Hkv, K] (per KV head)
-    where `use`: -> (o [B, Hq, Dv], lse [B, Hq])."""
+    """Softmax attention of q [B, Hq, Dk] over the cache slots [B, K] (all heads) or [B, Hkv, K]
+    (per KV head) where `use` -> o [B, Hq, Dv]. Only the gathered slots are cast."""
     b, hq, _ = q.shape
     hkv = k.shape[2]
     cd = compute_dtype(q)
     if slots.ndim == 2:
         slots, use = (jnp.broadcast_to(x[:, None], (b, hkv, x.shape[1])) for x in (slots, use))
-    k_h, v_h = (jnp.take_along_axis(jnp.moveaxis(x.astype(cd), 2, 1), slots[..., None], axis=2)
-                for x in (k, v))
-    logits = jnp.einsum("bhgd,bhkd->bhgk", group_queries(q.astype(cd), hkv), k_h,
+    rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]
+    k, v = (x[rows, slots, heads].astype(cd) for x in (k, v))  # [B, Hkv, K, D]
+    logits = jnp.einsum("bhgd,bhkd->bhgk", group_queries(q.astype(cd), hkv), k,
                         precision="highest") * scale
-    probs, lse = normalise(*masked_softmax_stats(logits, use[:, :, None]))
-    o = jnp.einsum("bhgk,bhkd->bhgd", probs, v_h, precision="highest")
-    return o.reshape(b, hq, -1).astype(q.dtype), lse.reshape(b, hq)
+    probs, _ = normalise(*masked_softmax_stats(logits, use[:, :, None]))
+    o = jnp.einsum("bhgk,bhkd->bhgd", probs, v, precision="highest")
+    return o.reshape(b, hq, -1).astype(q.dtype)
 
 
 @dispatch.register("nsa_decode", "xla")
 def _nsa_decode_xla(q, k, v, k_cmp, v_cmp, gates, position, k_win, v_win, cfg, scale):
     b, hq, _ = q.shape
-    hkv = k.shape[2]
-    cd = compute_dtype(q)
-    logits = jnp.einsum("bhgd,bchd->bhgc", group_queries(q.astype(cd), hkv), k_cmp.astype(cd),
-                        precision="highest") * scale
     visible = jnp.arange(k_cmp.shape[1]) < num_visible_compressed(position, cfg)[:, None]
-    probs, lse = normalise(*masked_softmax_stats(logits, visible[:, None, None]))
-    o_cmp = jnp.einsum("bhgc,bchd->bhgd", probs, v_cmp.astype(cd), precision="highest")
-    lse = lse[..., 0]
+    o_cmp, lse, logits = _attend_all(q, k_cmp, v_cmp, visible, scale)
     indices = select_decode_blocks(jax.lax.stop_gradient(logits), lse, position, cfg,
                                    k.shape[1] // cfg.select_block)
-    o_slc, _ = _attend(q, k, v, *selected_slots(indices, position, cfg), scale)
-    o_win, _ = _attend(q, k_win, v_win, *window_slots(position, cfg.window, k_win.shape[1]),
-                       scale)
-    outputs = (o_cmp.reshape(b, hq, -1), o_slc, o_win)
+    o_slc = _attend(q, k, v, *selected_slots(indices, position, cfg), scale)
+    o_win = _attend(q, k_win, v_win, *window_slots(position, cfg.window, k_win.shape[1]), scale)
+    outputs = (o_cmp, o_slc, o_win)
     return (combine_branches(gates, outputs, q.dtype),
             {"indices": indices, "lse_cmp": lse.reshape(b, hq)})
