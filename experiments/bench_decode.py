@@ -95,12 +95,13 @@ def median_ms(fn, args, warmup: int, iters: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def check_kernels(cfg, log) -> bool:
-    """Pallas vs xla decode path on the GPU, f32 (HIGHEST-precision dots) and bf16."""
+def check_kernels(cfg, context: int, log) -> bool:
+    """Pallas vs xla decode path on the GPU, f32 (HIGHEST-precision dots) and bf16, for queries
+    before the first compressed token, mid-cache and at the last slot."""
     ok = True
     for dtype, tolerance in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):
-        args = random_cache(jax.random.key(0), cfg, 3, 4096, dtype)
-        args["position"] = jnp.array([10, 1000, 4095], jnp.int32)
+        args = random_cache(jax.random.key(0), cfg, 3, context, dtype)
+        args["position"] = jnp.array([10, context // 2 + 7, context - 1], jnp.int32)
         got, got_aux = nsa_fn(cfg, "pallas")(args)
         want, want_aux = nsa_fn(cfg, "xla")(args)
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -185,26 +186,32 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="log file (appended to)")
-    parser.add_argument("--contexts", default="8192,16384,32768,65536")
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--contexts", default=None, help="default 8192,16384,32768,65536")
+    parser.add_argument("--batches", default=None, help="default 1,8")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=None, help="default 50")
+    parser.add_argument("--check-context", type=int, default=4096,
+                        help="cache length of the kernel check")
     parser.add_argument("--d-model", type=int, default=2048)
-    parser.add_argument("--quick", action="store_true",
-                        help="contexts 8k and 64k, batch 1, 10 iterations, no model step")
+    parser.add_argument("--quick", action="store_true", help="defaults become: contexts 8k and "
+                        "64k, batch 1, 10 iterations, no model step")
     parser.add_argument("--no-xla", action="store_true", help="skip the NSA xla timing")
     parser.add_argument("--no-model", action="store_true", help="skip the model-step timing")
     parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (testing)")
     args = parser.parse_args(argv)
+    quick = args.quick
+    args.no_model |= quick
+    args.iters = args.iters or (10 if quick else 50)
     try:
-        contexts = [int(x) for x in args.contexts.split(",")]
-        batches = [int(x) for x in args.batches.split(",")]
+        contexts = [int(x) for x in (args.contexts or ("8192,65536" if quick else
+                                                       "8192,16384,32768,65536")).split(",")]
+        batches = [int(x) for x in (args.batches or ("1" if quick else "1,8")).split(",")]
     except ValueError:
         parser.error("--contexts and --batches take comma-separated integers")
-    if min(contexts + batches) < 1 or args.iters < 1 or args.warmup < 0:
-        parser.error("contexts, batches and --iters must be >= 1, --warmup >= 0")
-    if args.quick:
-        contexts, batches, args.iters, args.no_model = [8192, 65536], [1], 10, True
+    if min(contexts + batches) < 1 or args.iters < 1 or args.warmup < 0 \
+            or args.check_context < 64:
+        parser.error("contexts, batches, --iters must be >= 1, --warmup >= 0, "
+                     "--check-context >= 64")
     log = Log(args.out)
     backend = jax.default_backend()
     log(f"# bench_decode {datetime.datetime.now().isoformat(timespec='seconds')} "
@@ -214,7 +221,7 @@ def main(argv=None) -> int:
         log("no GPU: the Pallas kernels would run in interpret mode; pass --allow-cpu to try")
         return 2
     cfg = NSAConfig()
-    if not check_kernels(cfg, log):
+    if not check_kernels(cfg, args.check_context, log):
         log("kernel check FAILED: no timings")
         return 1
     bench_ops(cfg, contexts, batches, args.warmup, args.iters, not args.no_xla, log)

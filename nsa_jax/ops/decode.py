@@ -113,12 +113,11 @@ def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int)
     """Top-n selection blocks [B, Hkv, n] from the compressed logits [B, Hkv, G, C] (any value
     where invisible) and their log-sum-exp [B, Hkv, G], exactly as ops.select_blocks scores them:
     probabilities summed over the group, spread over the blocks by overlap, forced blocks."""
-    b, hkv, _, c = logits.shape
+    c = logits.shape[-1]
     visible = (jnp.arange(c) < num_visible_compressed(position, cfg)[:, None])[:, None, None]
     visible &= jnp.isfinite(lse)[..., None]
     probs = jnp.exp(jnp.where(visible, logits - jnp.where(visible, lse[..., None], 0.0), -jnp.inf))
-    index = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
-    scores = _overlap_to_blocks(jnp.sum(probs, axis=2)[:, :, None], index, cfg, num_blocks)
+    scores = _overlap_to_blocks(jnp.sum(probs, axis=2)[:, :, None], None, cfg, num_blocks)
     return _top_n(jnp.moveaxis(scores, 1, 2).astype(jnp.float32), position[:, None], cfg)[:, 0]
 
 
