@@ -100,3 +100,21 @@ def test_lowering_rejects_a_tile_the_gpu_cannot_take():
               jax.ShapeDtypeStruct((1, 4, 4), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
     with pytest.raises(Exception, match="power of 2"):
         _export_for_cuda(lambda *a: nsa_decode.sparse_partials(*a, cfg, scale=0.1), *shapes)
+
+
+@pytest.mark.parametrize("bad", ["slots", "compressed", "position", "window_pair", "query"])
+def test_bad_decode_arguments_raise(key, bad):
+    args = _cache(key, CFG, 2, 64, 4, 2, 16)
+    position = jnp.array([3, 40], jnp.int32)
+    if bad == "slots":  # not a whole number of selection blocks
+        args["k"], args["v"] = args["k"][:, :60], args["v"][:, :60]
+    elif bad == "compressed":
+        args["k_cmp"], args["v_cmp"] = args["k_cmp"][:, :4], args["v_cmp"][:, :4]
+    elif bad == "position":
+        position = position.astype(jnp.float32)
+    elif bad == "window_pair":
+        args["k_win"] = args["k"]
+    else:
+        args["q"] = args["q"][:, None]
+    with pytest.raises(ValueError):
+        ops.nsa_decode_attention(position=position, cfg=CFG, **args)

@@ -29,18 +29,14 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     window slots. With return_aux also returns {"indices": [B, Hkv, n], "lse_cmp": [B, Hq]}.
     """
     validation.check_config(cfg)
-    k_win, v_win = (k, v) if k_win is None and v_win is None else (k_win, v_win)
-    for name, x in (("k_win", k_win), ("v_win", v_win)):
-        if x is None:
-            raise ValueError(f"k_win and v_win must be given together (or both left None), "
-                             f"got {name}=None")
+    if (k_win is None) != (v_win is None):
+        raise ValueError("k_win and v_win must be given together (or both left None)")
+    k_win, v_win = (k, v) if k_win is None else (k_win, v_win)
     b, hq, dk = _check_query(q)
-    s = k.shape[1] if k.ndim == 4 else 0
-    for names, pair, length in ((("k", "v"), (k, v), s), (("k_cmp", "v_cmp"), (k_cmp, v_cmp),
-                                                         v_cmp.shape[1] if v_cmp.ndim == 4 else 0),
-                                (("k_win", "v_win"), (k_win, v_win),
-                                 k_win.shape[1] if k_win.ndim == 4 else 0)):
-        validation.check_qkv(q[:, None], *pair, key_length=length, names=("q",) + names)
+    for names, pair in ((("k", "v"), (k, v)), (("k_cmp", "v_cmp"), (k_cmp, v_cmp)),
+                        (("k_win", "v_win"), (k_win, v_win))):
+        _check_cache(q, *pair, names)
+    s = k.shape[1]
     if s % cfg.select_block:
         raise ValueError(f"k must hold a multiple of select_block={cfg.select_block} slots, got "
                          f"shape {k.shape}")
@@ -62,8 +58,7 @@ def dense_decode_attention(q, k, v, position, *, window=None, scale=None):
     ring k/v [B, R, Hkv, D] -> [B, Hq, Dv]; all keys [0, t] (window=None, needs R > t) or the
     last `window` keys [t - window + 1, t]."""
     b, _, dk = _check_query(q)
-    validation.check_qkv(q[:, None], k, v, key_length=k.shape[1] if k.ndim == 4 else 0,
-                         names=("q", "k", "v"))
+    _check_cache(q, k, v, ("k", "v"))
     _check_position(position, b)
     scale = validation.default_scale(scale, dk)
     if window is None:
@@ -76,6 +71,12 @@ def _check_query(q):
         raise ValueError(f"q must be [B, Hq, Dk] (one new query per sequence), got "
                          f"{getattr(q, 'shape', type(q).__name__)}")
     return q.shape
+
+
+def _check_cache(q, k, v, names):
+    """k [B, N, Hkv, Dk] and v [B, N, Hkv, Dv] that fit q [B, Hq, Dk]."""
+    slots = k.shape[1] if len(getattr(k, "shape", ())) == 4 else 0
+    validation.check_qkv(q[:, None], k, v, key_length=slots, names=("q", *names))
 
 
 def _check_position(position, batch: int):
