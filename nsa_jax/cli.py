@@ -85,6 +85,49 @@ def evaluate(argv=None) -> None:
         sys.exit(f"nsa-eval: error: {error}")
 
 
+def generate(argv=None) -> None:
+    """`nsa-generate`: sample text from the newest checkpoint of an nsa-train run, with the
+    decoding cache (prefill, then one jitted step per token); prints the text and tokens/s."""
+    from nsa_jax import ops
+
+    parser = argparse.ArgumentParser(prog="nsa-generate", description=generate.__doc__)
+    parser.add_argument("--workdir", required=True, help="directory of an nsa-train run")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--implementation", default=None, choices=ops.IMPLEMENTATIONS,
+                        help="decode attention (default: the run's model.implementation)")
+    args = parser.parse_args(argv)
+    try:
+        _generate(args)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"nsa-generate: error: {error}")
+
+
+def _generate(args) -> None:
+    import jax
+
+    from nsa_jax.data import BOS_ID, EOS_ID, VOCAB_SIZE, decode, encode
+    from nsa_jax.decode.generate import generate as sample_tokens
+    from nsa_jax.decode.trained import load_trained_model
+
+    model, step = load_trained_model(args.workdir)
+    prompt = [BOS_ID, *encode(args.prompt).tolist()]
+    out = sample_tokens(model, [prompt], args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed, num_tokens=VOCAB_SIZE,
+                        implementation=args.implementation)
+    tokens = out.tokens[0]
+    text = decode(tokens[:tokens.index(EOS_ID)] if EOS_ID in tokens else tokens)
+    print(f"{args.prompt}{text}", flush=True)
+    print(f"[{args.workdir} step {step}, {model.cfg.attention} attention, "
+          f"{jax.default_backend()}] prompt {len(prompt)} tokens: prefill + first token "
+          f"{out.prefill_seconds:.2f} s (compilation included); {out.tokens_per_second:.1f} "
+          f"tokens/s over {out.timed_steps} decode steps (compilation excluded)",
+          file=sys.stderr, flush=True)
+
+
 def _args_or_usage(argv, usage: str) -> list[str]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or {"-h", "--help"} & set(argv):

@@ -26,6 +26,11 @@ class DecoderBlock(nnx.Module):
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x, *, positions, segment_ids=None):
-        y, aux = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        return self.around(x, lambda h: self.attn(h, positions=positions, segment_ids=segment_ids))
+
+    def around(self, x, mix):
+        """The block with `mix(normed x) -> (y, extra)` as its token mixer (the attention layer's
+        training call, or a cached decoding step); returns (x, extra)."""
+        y, extra = mix(self.attn_norm(x))
         x = x + y.astype(x.dtype)
-        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), aux
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), extra

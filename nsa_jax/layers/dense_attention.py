@@ -33,14 +33,22 @@ class DenseAttention(nnx.Module):
         self.kv = KVProjection(cfg, rngs=rngs)
         self.out = dense(cfg, cfg.num_heads * cfg.v_head_dim, cfg.d_model, rngs=rngs)
 
+    def project(self, x, positions):
+        """q [B, T, Hq, D], k [B, T, Hkv, D] rotated at `positions` [B, T], and v."""
+        q = apply_rope(split_heads(self.q(x), self.num_heads), positions, self.rope_theta)
+        k, v = self.kv(x)
+        return q, apply_rope(k, positions, self.rope_theta), v
+
     def __call__(self, x, *, positions=None, segment_ids=None):
         batch, length, _ = x.shape
         check_segment_ids(segment_ids, batch, length)
         if positions is None:
             positions = document_positions(segment_ids, batch, length)
-        q = apply_rope(split_heads(self.q(x), self.num_heads), positions, self.rope_theta)
-        k, v = self.kv(x)
-        k = apply_rope(k, positions, self.rope_theta)
+        return self.attend(*self.project(x, positions), segment_ids=segment_ids)
+
+    def attend(self, q, k, v, *, segment_ids=None):
+        """The parallel (training) attention of all T tokens, through the output layer."""
+        batch, length = q.shape[:2]
         o = jax.nn.dot_product_attention(
             q, k, v, mask=None if segment_ids is None else same_document_mask(segment_ids),
             is_causal=True, local_window_size=None if self.window is None else (self.window - 1, 0),

@@ -1,4 +1,6 @@
 """NSAAttention: projections, RoPE, learned compression and gates around ops.nsa_attention."""
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,20 @@ from nsa_jax.layers.rotary import apply_rope
 # initialisation, so the model learns local patterns first (nsa_spec.md §1.1).
 GATE_BIAS_INIT = (-2.0, -2.0, 2.0)
 BRANCHES = ("cmp", "slc", "win")
+
+
+class BranchInputs(NamedTuple):
+    """Projections of NSAAttention's input: q, k (selection, rotated), v; the pre-RoPE k/v that phi
+    compresses; the window's own rotated k/v (None when the branches share K/V); gates."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    k_cmp_raw: jax.Array
+    v_cmp_raw: jax.Array
+    k_win: jax.Array | None
+    v_win: jax.Array | None
+    gates: jax.Array
 
 
 def _gate_bias_init(key, shape, dtype=jnp.float32):
@@ -53,32 +69,46 @@ class NSAAttention(nnx.Module):
                           kernel_init=nnx.initializers.zeros_init(), bias_init=_gate_bias_init)
         self.out = dense(cfg, cfg.num_heads * cfg.v_head_dim, cfg.d_model, rngs=rngs)
 
-    def compress(self, k, v, *, segment_ids=None):
+    def compress(self, k, v, *, segment_ids=None, offset=0):
         """Compressed (k_cmp, v_cmp) [B, Tc, Hkv, D] from pre-RoPE k and v, with the RoPE convention
-        of the class docstring applied to k_cmp. Padding slots are zero."""
+        of the class docstring applied to k_cmp. Padding slots are zero. `offset` ([B, 1] or int)
+        is added to the rotation positions: decoding compresses the lone window of compressed
+        token i, which starts at i*d, not 0."""
         k_cmp, position = self.k_compressor(k, segment_ids=segment_ids)
         v_cmp, _ = self.v_compressor(v, segment_ids=segment_ids)
-        return apply_rope(k_cmp, position, self.cfg.rope_theta), v_cmp
+        return apply_rope(k_cmp, position + offset, self.cfg.rope_theta), v_cmp
 
     def gates(self, x):
         """[B, T, Hq, 3] in [0, 1], order (cmp, slc, win)."""
         return jax.nn.sigmoid(split_heads(self.gate(x), self.cfg.num_heads))
 
+    def project(self, x, positions) -> BranchInputs:
+        """Everything the three branches need from x [B, T, d_model] at `positions` [B, T]."""
+        cfg = self.cfg
+        rotate = lambda t: apply_rope(t, positions, cfg.rope_theta)
+        k, v = self.kv(x)
+        k_cmp, v_cmp = self.kv_cmp(x) if self.kv_cmp is not None else (k, v)
+        k_win, v_win = self.kv_win(x) if self.kv_win is not None else (None, None)
+        return BranchInputs(q=rotate(split_heads(self.q(x), cfg.num_heads)), k=rotate(k), v=v,
+                            k_cmp_raw=k_cmp, v_cmp_raw=v_cmp,
+                            k_win=None if k_win is None else rotate(k_win), v_win=v_win,
+                            gates=self.gates(x))
+
     def __call__(self, x, *, positions=None, segment_ids=None):
-        cfg, (batch, length, _) = self.cfg, x.shape
+        batch, length, _ = x.shape
         check_segment_ids(segment_ids, batch, length)
         if positions is None:
             positions = document_positions(segment_ids, batch, length)
-        rotate = lambda t: apply_rope(t, positions, cfg.rope_theta)
-        q = rotate(split_heads(self.q(x), cfg.num_heads))
-        k, v = self.kv(x)
-        k_cmp, v_cmp = self.compress(*(self.kv_cmp(x) if self.kv_cmp is not None else (k, v)),
-                                     segment_ids=segment_ids)
-        k_win, v_win = self.kv_win(x) if self.kv_win is not None else (None, None)
-        gates = self.gates(x)
+        p = self.project(x, positions)
+        k_cmp, v_cmp = self.compress(p.k_cmp_raw, p.v_cmp_raw, segment_ids=segment_ids)
+        return self.attend(p, k_cmp, v_cmp, segment_ids=segment_ids)
+
+    def attend(self, p: BranchInputs, k_cmp, v_cmp, *, segment_ids=None):
+        """The parallel (training) attention of all T tokens of `p`, through the output layer."""
+        batch, length = p.q.shape[:2]
         o = ops.nsa_attention(
-            q, rotate(k), v, gates.astype(q.dtype), cfg.nsa, k_cmp=k_cmp, v_cmp=v_cmp,
-            k_win=None if k_win is None else rotate(k_win), v_win=v_win,
-            segment_ids=segment_ids, implementation=cfg.implementation)
+            p.q, p.k, p.v, p.gates.astype(p.q.dtype), self.cfg.nsa, k_cmp=k_cmp, v_cmp=v_cmp,
+            k_win=p.k_win, v_win=p.v_win, segment_ids=segment_ids,
+            implementation=self.cfg.implementation)
         y = self.out(o.reshape(batch, length, -1))
-        return y, {"gate_mean": jnp.mean(gates.astype(jnp.float32), axis=(0, 1, 2))}
+        return y, {"gate_mean": jnp.mean(p.gates.astype(jnp.float32), axis=(0, 1, 2))}

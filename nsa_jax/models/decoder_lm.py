@@ -46,7 +46,11 @@ class DecoderLM(nnx.Module):
         for block in self.blocks:
             x, aux = run_block(block, x, positions, segment_ids)
             gate_means += [aux["gate_mean"]] if "gate_mean" in aux else []
-        logits = self.embed.attend(self.final_norm(x).astype(x.dtype)).astype(jnp.float32)
+        logits = self.logits(x)
         if not return_aux:
             return logits
         return logits, ({"gate_mean": jnp.stack(gate_means)} if gate_means else {})
+
+    def logits(self, x):
+        """Final hidden states [..., d_model] -> float32 logits through the tied embedding."""
+        return self.embed.attend(self.final_norm(x).astype(x.dtype)).astype(jnp.float32)

@@ -1,9 +1,9 @@
 """The GPU Pallas kernels (`pallas_kernels.gpu`, Triton lowering) behind the functional ops.
 
 `register()` makes them the "pallas" implementation of compressed_attention, select (fused block
-scoring + top-n), selected_attention and window_attention (cuDNN's sliding window where its
-constraints hold, xla otherwise); `pallas_ops` calls it on every backend but TPU. Off-GPU the
-kernels run in Pallas interpret mode (slow: for tests). Document starts and slot layouts are
+scoring + top-n), selected_attention, window_attention (cuDNN's sliding window where its
+constraints hold, xla otherwise) and nsa_decode (`decode_pallas.py`); `pallas_ops` calls it on
+every backend but TPU. Off-GPU the kernels run in Pallas interpret mode (slow: for tests). Document starts and slot layouts are
 built here in XLA, so the kernels never see segment_ids.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from nsa_jax.ops import dispatch, layout
 
 
-def _on_gpu() -> bool:
+def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
@@ -30,7 +30,7 @@ def selected_attention(q, k, v, indices, cfg, segment_ids, scale):
     from pallas_kernels import gpu
 
     return gpu.selected_attention(q, k, v, indices, cfg, doc_start=_doc_start(segment_ids, q),
-                                  scale=scale, interpret=not _on_gpu())
+                                  scale=scale, interpret=not on_gpu())
 
 
 def compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids, scale):
@@ -38,7 +38,7 @@ def compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids, scale):
 
     return gpu.compressed_attention(q, k_cmp, v_cmp, _slot_start(segment_ids, q, cfg), cfg,
                                     doc_start=_doc_start(segment_ids, q), scale=scale,
-                                    interpret=not _on_gpu())
+                                    interpret=not on_gpu())
 
 
 def select(q, k_cmp, lse, cfg, segment_ids, scale):
@@ -47,14 +47,14 @@ def select(q, k_cmp, lse, cfg, segment_ids, scale):
     stop = jax.lax.stop_gradient
     return gpu.select_blocks(stop(q), stop(k_cmp), stop(lse), _slot_start(segment_ids, q, cfg),
                              cfg, doc_start=_doc_start(segment_ids, q), scale=scale,
-                             interpret=not _on_gpu())
+                             interpret=not on_gpu())
 
 
 def _cudnn_window_fits(q, k, v, segment_ids) -> bool:
     """cuDNN's fused attention: GPU, half precision, Dk == Dv a multiple of 8 up to 256, and no
     packed documents (jax.nn.dot_product_attention has no segment ids)."""
     dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
-    return (_on_gpu() and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16)
+    return (on_gpu() and segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16)
             and len(dims) == 1 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
@@ -68,7 +68,9 @@ def window_attention(q, k, v, cfg, segment_ids, scale):
 
 
 def register():
-    for op, fn in (("selected_attention", selected_attention),
+    from nsa_jax.ops.decode_pallas import nsa_decode
+
+    for op, fn in (("nsa_decode", nsa_decode), ("selected_attention", selected_attention),
                    ("compressed_attention", compressed_attention), ("select", select),
                    ("window_attention", window_attention)):
         dispatch.register(op, "pallas")(fn)

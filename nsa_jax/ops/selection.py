@@ -43,16 +43,21 @@ def _overlap_to_blocks(probs, index, cfg: NSAConfig, num_blocks: int):
 
     Slot probabilities are first placed at their document-relative index i (slots of other
     documents carry zero probability), then spread over the l/d stride chunks token i covers, and
-    the chunks are summed per selection block (l'/d chunks each).
+    the chunks are summed per selection block (l'/d chunks each). index=None: slot i already holds
+    compressed token i (one document, as in a decoding cache), so no placement is needed.
     """
     l, d, lp = cfg.compress_block, cfg.compress_stride, cfg.select_block
     width = num_blocks * (lp // d)
-    target = jnp.where(index >= 0, index, width)  # padding slots are dropped
+    if index is None:
+        local = jnp.pad(probs, [(0, 0)] * 3 + [(0, max(width - probs.shape[-1], 0))])[..., :width]
+    else:
+        target = jnp.where(index >= 0, index, width)  # padding slots are dropped
 
-    def place(p_b, idx_b):
-        return jnp.zeros(p_b.shape[:-1] + (width,), p_b.dtype).at[..., idx_b].add(p_b, mode="drop")
+        def place(p_b, idx_b):
+            return jnp.zeros(p_b.shape[:-1] + (width,), p_b.dtype).at[..., idx_b].add(
+                p_b, mode="drop")
 
-    local = jax.vmap(place)(probs, target)
+        local = jax.vmap(place)(probs, target)
     chunks = sum(jnp.pad(local, [(0, 0)] * 3 + [(n, 0)])[..., :width] for n in range(l // d))
     return chunks.reshape(*chunks.shape[:-1], num_blocks, lp // d).sum(-1)
 

@@ -1,0 +1,120 @@
+"""The Pallas decode kernels: interpret mode on CPU against the xla decode path, and the real
+Triton lowering for CUDA (jax.export on CPU) at the paper's shape and a 64k context."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from conftest import rel_err
+from nsa_jax import NSAConfig, ops
+from nsa_jax.ops import decode_pallas, pallas_gpu
+
+# l != d, l' != l, window not a multiple of l' (its tiles straddle it), n > forced blocks
+CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
+                num_init_blocks=1, num_local_blocks=2, window=24)
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
+                                   num_cores=132)
+
+
+def _cache(key, cfg, b, slots, hq, hkv, d, ring=None, dtype=jnp.float32):
+    ks = jax.random.split(key, 8)
+    normal = lambda k, n: jax.random.normal(k, (b, n, hkv, d), dtype)
+    compressed = -(-(slots // cfg.compress_stride) // 16) * 16
+    args = dict(q=jax.random.normal(ks[0], (b, hq, d), dtype), k=normal(ks[1], slots),
+                v=normal(ks[2], slots), k_cmp=normal(ks[3], compressed),
+                v_cmp=normal(ks[4], compressed),
+                gates=jax.nn.sigmoid(jax.random.normal(ks[5], (b, hq, 3))).astype(dtype))
+    if ring is not None:
+        args.update(k_win=normal(ks[6], ring), v_win=normal(ks[7], ring))
+    return args
+
+
+def _decode(args, position, implementation):
+    fn = jax.jit(lambda a, p: ops.nsa_decode_attention(
+        position=p, cfg=CFG, implementation=implementation, return_aux=True, **a))
+    return fn(args, position)
+
+
+@pytest.mark.parametrize("hq,hkv,ring,dtype", [
+    (4, 2, None, jnp.float32),  # window reads the full cache
+    (8, 1, 32, jnp.float32),  # the window's own ring of 32 slots, MQA
+    (4, 2, 32, jnp.bfloat16),
+])
+def test_interpret_kernel_matches_xla_decode(key, hq, hkv, ring, dtype):
+    slots = 128  # 8 selection blocks, 32 compressed slots
+    args = _cache(key, CFG, 3, slots, hq, hkv, 16, ring, dtype)
+    # no compressed token yet, a partial selection block, the last slot
+    position = jnp.array([5, 70, slots - 1], jnp.int32)
+    out, aux = _decode(args, position, "pallas")
+    want, want_aux = _decode(args, position, "xla")
+    np.testing.assert_array_equal(aux["indices"], want_aux["indices"])
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert rel_err(out.astype(jnp.float32), want.astype(jnp.float32)) < tolerance
+    assert rel_err(aux["lse_cmp"], want_aux["lse_cmp"]) < tolerance
+    assert (np.asarray(want_aux["indices"])[2] >= 0).all()  # 8 blocks, n = 4: a real choice
+
+
+def test_unsupported_shapes_fall_back_to_xla(key):
+    """head_dim 12 is no Triton tile: the pallas implementation must still give the answer."""
+    args = _cache(key, CFG, 2, 64, 4, 2, 12)
+    assert not decode_pallas.kernel_supports(args["q"], args["k"], args["v"], args["k_cmp"],
+                                             args["k"], CFG)
+    position = jnp.array([20, 63], jnp.int32)
+    np.testing.assert_array_equal(_decode(args, position, "pallas")[0],
+                                  _decode(args, position, "xla")[0])
+
+
+def _export_for_cuda(fn, *shapes):
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+        return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_kernels_lower_for_cuda_at_paper_shape(monkeypatch, batch):
+    """Hq=64, Hkv=4, D=128, bf16, 64k context plus room, paper hyper-parameters: the real
+    Pallas -> Triton lowering runs on CPU, so shapes the GPU rejects fail here."""
+    monkeypatch.setattr(pallas_gpu, "on_gpu", lambda: True)  # compile, not interpret
+    cfg = NSAConfig()
+    slots, compressed, hq, hkv, d = 65536 + 1024, (65536 + 1024) // 16, 64, 4, 128
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    shapes = (bf16(batch, hq, d), bf16(batch, slots, hkv, d), bf16(batch, slots, hkv, d),
+              bf16(batch, compressed, hkv, d), bf16(batch, compressed, hkv, d),
+              bf16(batch, hq, 3), jax.ShapeDtypeStruct((batch,), jnp.int32))
+    exported = _export_for_cuda(
+        lambda *a: ops.nsa_decode_attention(*a, cfg, implementation="pallas"), *shapes)
+    text = exported.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") >= 2  # both kernels, not the xla fallback
+    assert exported.out_avals[0].shape == (batch, hq, d)
+
+
+def test_lowering_rejects_a_tile_the_gpu_cannot_take():
+    """The CPU lowering check can fail: a 48-token selection block is not a Triton tile."""
+    from pallas_kernels.gpu import nsa_decode
+
+    cfg = NSAConfig(compress_block=48, compress_stride=16, select_block=48, num_selected=4)
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    shapes = (bf16(1, 4, 16, 128), bf16(1, 480, 4, 128), bf16(1, 480, 4, 128),
+              bf16(1, 480, 4, 128), bf16(1, 480, 4, 128),
+              jax.ShapeDtypeStruct((1, 4, 4), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    with pytest.raises(Exception, match="power of 2"):
+        _export_for_cuda(lambda *a: nsa_decode.sparse_partials(*a, cfg, scale=0.1), *shapes)
+
+
+@pytest.mark.parametrize("bad", ["slots", "compressed", "position", "window_pair", "query"])
+def test_bad_decode_arguments_raise(key, bad):
+    args = _cache(key, CFG, 2, 64, 4, 2, 16)
+    position = jnp.array([3, 40], jnp.int32)
+    if bad == "slots":  # not a whole number of selection blocks
+        args["k"], args["v"] = args["k"][:, :60], args["v"][:, :60]
+    elif bad == "compressed":
+        args["k_cmp"], args["v_cmp"] = args["k_cmp"][:, :4], args["v_cmp"][:, :4]
+    elif bad == "position":
+        position = position.astype(jnp.float32)
+    elif bad == "window_pair":
+        args["k_win"] = args["k"]
+    else:
+        args["q"] = args["q"][:, None]
+    with pytest.raises(ValueError):
+        ops.nsa_decode_attention(position=position, cfg=CFG, **args)
