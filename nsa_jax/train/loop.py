@@ -10,12 +10,14 @@ from flax import nnx
 
 from nsa_jax.data import make_train_batch
 from nsa_jax.train.checkpoint import Checkpointer
+from nsa_jax.train.distributed import global_batch, initialize_if_asked, local_rows
 from nsa_jax.train.interrupts import Interrupted, catch_stop_signals
 from nsa_jax.train.metrics import MetricsLog, plot_losses
 from nsa_jax.train.model import build_model
 from nsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.train.progress import Progress, format_eval_line, format_train_line
 from nsa_jax.train.settings import RunConfig, resolve
+from nsa_jax.train.sharding import batch_sharding, check_batch_size, make_mesh, state_shardings
 from nsa_jax.train.step import make_eval_step, make_train_step
 from nsa_jax.train.validation_loss import validation_loss
 from nsa_jax.train.workdir import prepare_workdir
@@ -29,7 +31,9 @@ def train(config, workdir) -> dict:
     """Train the run `config` (ConfigDict or dict) in `workdir`, resuming from the newest good
     checkpoint there. Returns the last training and evaluation metrics."""
     run, workdir = resolve(config), pathlib.Path(workdir)
-    prepare_workdir(workdir, config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    initialize_if_asked(run.mesh.distributed)
+    if jax.process_index() == 0:
+        prepare_workdir(workdir, config.to_dict() if hasattr(config, "to_dict") else dict(config))
     trainer = Trainer(run, workdir)
     try:
         trainer.resume()
@@ -44,17 +48,27 @@ class Trainer:
         self.run, self.workdir, steps = run, workdir, run.train.steps
         self._started = time.perf_counter()
         self.schedule = learning_rate_schedule(run.optimizer, steps)
-        model = build_model(run.model, run.train.seed)
-        optimizer = nnx.Optimizer(model, make_optimizer(run.optimizer, steps), wrt=nnx.Param)
-        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        model_def, model_state = nnx.split(model)
-        opt_def, opt_state = nnx.split(optimizer)
-        # checkpoints restore committed arrays; committing fresh ones too makes a started and a
-        # resumed run compile (and cache) the very same step
-        self.model_state, self.opt_state = jax.device_put((model_state, opt_state),
-                                                          jax.devices()[0])
-        self.train_step = make_train_step(model_def, opt_def)
-        self.eval_step = make_eval_step(model_def)
+        self.mesh = make_mesh(run.mesh)
+        check_batch_size(run.data.batch_size, self.mesh)
+        self.lead = jax.process_index() == 0  # the one process that logs, prints and plots
+        tx = make_optimizer(run.optimizer, steps)
+
+        def create():
+            model = build_model(run.model, run.train.seed)
+            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        (model_def, model_shape), (opt_def, opt_shape) = map(nnx.split, nnx.eval_shape(create))
+        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model_shape, nnx.Param)))
+        shardings = state_shardings(model_shape, self.mesh), state_shardings(opt_shape, self.mesh)
+        # born sharded: no device ever holds the whole model unless the mesh says so
+        self.model_state, self.opt_state = jax.jit(
+            lambda: tuple(nnx.state(x) for x in create()), out_shardings=shardings)()
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.rows = local_rows(self.batch_sharding, run.data.batch_size)
+        self.train_step = make_train_step(model_def, opt_def, (*shardings, self.batch_sharding))
+        sharded_eval = make_eval_step(model_def, (shardings[0], self.batch_sharding))
+        self.eval_step = lambda state, batch: sharded_eval(
+            state, self._global({k: v[self.rows.start:self.rows.stop] for k, v in batch.items()}))
         self.checkpointer = Checkpointer(workdir, run.train.max_to_keep)
         self.log = MetricsLog(workdir)
         self.step = 0
@@ -63,11 +77,16 @@ class Trainer:
         restored = self.checkpointer.restore_latest(self.model_state, self.opt_state)
         if restored is not None:
             self.step, self.model_state, self.opt_state, _ = restored
-        self.log.truncate_after(self.step)
+        if self.lead:
+            self.log.truncate_after(self.step)
 
     def fit(self) -> dict:
+        with jax.set_mesh(self.mesh):  # the mesh per-device kernels (shard_map) run on
+            return self._fit()
+
+    def _fit(self) -> dict:
         t = self.run.train
-        self.progress = Progress(t.steps, self.step)
+        self.progress = Progress(t.steps, self.step, quiet=not self.lead)
         self.progress.line(self._header())
         if self.step == 0:
             self._evaluate()
@@ -76,7 +95,8 @@ class Trainer:
         with catch_stop_signals() as signals:
             pending = None
             for step in range(self.step + 1, t.steps + 1):
-                batch = make_train_batch(self.run.data, t.seed, step - 1)
+                batch = self._global(make_train_batch(self.run.data, t.seed, step - 1,
+                                                      rows=self.rows))
                 self.model_state, self.opt_state, metrics = self.train_step(
                     self.model_state, self.opt_state, batch)
                 if pending is not None:  # read step - 1 while step runs (async dispatch)
@@ -97,14 +117,18 @@ class Trainer:
         self.progress.close()
         return self._finish()
 
+    def _global(self, local: dict) -> dict:
+        return global_batch(local, self.batch_sharding, self.run.data.batch_size)
+
     def _header(self) -> str:
-        r, d = self.run, self.run.data
+        r, d, mesh = self.run, self.run.data, self.mesh
         where = (f"resuming at step {self.step}" if self.step else "starting at step 0")
         return (f"{r.train.name}: {r.model.attention} attention, {self.num_params / 1e6:.2f}M "
                 f"parameters ({r.model.num_layers} layers, d_model {r.model.d_model}); batch "
                 f"{d.batch_size} x {d.seq_len} tokens; {r.train.steps} steps on "
-                f"{jax.default_backend()} ({jax.device_count()} device(s)); {where}; workdir "
-                f"{self.workdir}")
+                f"{jax.default_backend()}, mesh data={mesh.shape['data']} x "
+                f"fsdp={mesh.shape['fsdp']} ({mesh.size} of {jax.device_count()} device(s), "
+                f"{jax.process_count()} process(es)); {where}; workdir {self.workdir}")
 
     def _report(self, step: int, metrics) -> None:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -129,7 +153,8 @@ class Trainer:
         tokens = self.run.data.batch_size * self.run.data.seq_len
         record = {"step": step, "loss": values.pop("loss"), **values, "learning_rate": float(self.schedule(step - 1)),
                   "tokens_per_s": tokens / per_step}
-        self.log.write(record)
+        if self.lead:
+            self.log.write(record)
         self.progress.line(format_train_line(record, self.run.train.steps,
                                              per_step * (self.run.train.steps - step)))
         self._window, self._clock = 0, time.perf_counter()
@@ -138,9 +163,10 @@ class Trainer:
         started = time.perf_counter()
         record = {"step": self.step, **validation_loss(self.eval_step, self.model_state,
                                                         self.run.data, self.run.train.eval_batches)}
-        self.log.write(record)
         self.progress.line(format_eval_line(record))
-        plot_losses(self.log.read(), self.workdir / "loss.png", self.run.train.name)
+        if self.lead:
+            self.log.write(record)
+            plot_losses(self.log.read(), self.workdir / "loss.png", self.run.train.name)
         if hasattr(self, "_clock"):  # evaluation time is not training throughput
             self._clock += time.perf_counter() - started
 
