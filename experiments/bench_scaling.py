@@ -3,9 +3,10 @@ loss of each: the scaling efficiency of the trainer's sharding (docs/scaling.md)
 
     python experiments/bench_scaling.py --devices 2 --steps 30 [--config.key=value ...]
 
-Runs `python -m nsa_jax.train --config configs/small_nsa.py` (shrunk to --steps steps with evaluation
-and checkpointing only at the ends) once per mesh, one after another, each in its own process:
-1 device, then N devices FSDP (data=1, fsdp=N), then N devices data-parallel (data=N, fsdp=1).
+Runs `python -m nsa_jax.train --config configs/small_nsa.py` (shrunk to --steps steps with
+evaluation and checkpointing only at the ends) once per mesh, one after another, each in its own
+process: 1 device, then N devices FSDP (data=1, fsdp=N), then N devices data-parallel (data=N,
+fsdp=1).
 Throughput is the mean of the logged tokens/s after the first log window (compilation excluded);
 efficiency = tokens/s on N devices / (N x tokens/s on 1). Prints a markdown table; with --out,
 also writes it there after every run. Extra arguments override the config of every run.
@@ -40,16 +41,18 @@ def run(mesh: tuple[int, int], args, extra: list[str], root: pathlib.Path) -> di
     print(done.stdout.splitlines()[0], flush=True)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
     return {"devices": mesh[0] * mesh[1], "mesh": f"data={mesh[0]} x fsdp={mesh[1]}",
-            "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in train if r["step"] > log_every),
-            "loss": train[-1]["loss"], "val_loss": [r for r in records if "val_loss" in r][-1]["val_loss"],
+            "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in train
+                                            if r["step"] > log_every),
+            "loss": train[-1]["loss"], "val_loss": evals[-1]["val_loss"],
             "wall_s": time.perf_counter() - started}
 
 
 def table(results: list[dict]) -> str:
     base = results[0]["tokens_per_s"]
-    lines = ["| mesh | GPUs | tokens/s | scaling efficiency | final train loss | final val_loss | wall (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| mesh | GPUs | tokens/s | scaling efficiency | final train loss | final val_loss "
+             "| wall (s) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['mesh']} | {r['devices']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s'] / (r['devices'] * base):.2f} | {r['loss']:.4f} | "
