@@ -25,21 +25,12 @@ from nsa_jax import NSAConfig, ops  # noqa: E402
 from nsa_jax.train import resolve, train  # noqa: E402
 from nsa_jax.train.loop import Trainer  # noqa: E402
 from nsa_jax.train.sharding import MeshSettings, make_mesh  # noqa: E402
-from tests.train_helpers import losses, share_compilations, tiny_config  # noqa: E402
-
-STEPS, SAVE_EVERY = 6, 3
-
-
-def config(data: int, fsdp: int, **changes):
-    return tiny_config(**{"data.batch_size": 8, "steps": STEPS, "checkpoint_every": SAVE_EVERY,
-                          "eval_every": STEPS, "model.implementation": "xla", "mesh.data": data,
-                          "mesh.fsdp": fsdp, **changes})
-
+from tests.train_helpers import losses, mesh_config as config, share_compilations  # noqa: E402
 
 def resume_on(source: pathlib.Path, workdir: pathlib.Path, data: int, fsdp: int) -> dict:
     """Resume a copy of `source` without its last checkpoint on a data x fsdp mesh."""
     shutil.copytree(source, workdir)
-    shutil.rmtree(workdir / "checkpoints" / str(STEPS))
+    shutil.rmtree(max((workdir / "checkpoints").iterdir(), key=lambda step: int(step.name)))
     trainer = Trainer(resolve(config(data, fsdp)), workdir)
     try:
         trainer.resume()

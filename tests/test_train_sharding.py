@@ -2,9 +2,12 @@
 Pallas kernel per device, and clear errors for meshes and batches that do not fit.
 
 The multi-device runs happen once, in a subprocess with 8 simulated CPU devices
-(tests/sharded_runs.py); the rule and error checks run here on abstract meshes."""
+(tests/sharded_runs.py), and in two processes of 2 devices each joined by
+jax.distributed.initialize (tests/two_process_run.py); the rule and error checks run here on
+abstract meshes."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,7 +17,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from nsa_jax.train import resolve
 from nsa_jax.train.sharding import MIN_SHARDED_SIZE, MeshSettings, check_batch_size, fsdp_spec
-from tests.train_helpers import REPO, tiny_config
+from tests.train_helpers import REPO, losses, tiny_config
 
 RTOL = 1e-5  # float32 sums in another order, six optimizer steps on
 
@@ -30,7 +33,9 @@ def runs(tmp_path_factory):
 
 
 def as_array(losses: dict, steps) -> np.ndarray:
-    return np.array([losses[str(s)] for s in steps])
+    """Losses at `steps` from a step -> loss dict (keys int, or str after a JSON round trip)."""
+    by_step = {int(step): loss for step, loss in losses.items()}
+    return np.array([by_step[s] for s in steps])
 
 
 def test_eight_devices_follow_the_one_device_loss_trajectory(runs):
@@ -49,6 +54,28 @@ def test_checkpoint_written_on_eight_devices_resumes_on_fewer(runs, run, devices
     assert resumed["embedding_spec"] == embedding_spec  # 259 x 32: only 32 splits 4 ways
     np.testing.assert_allclose(as_array(resumed["losses"], range(1, 7)),
                                as_array(runs["eight"], range(1, 7)), rtol=RTOL)
+
+
+def test_two_processes_load_their_own_rows_and_train_alike(runs, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+           "JAX_NUM_PROCESSES": "2"}
+    processes = [subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "two_process_run.py"), str(tmp_path / "run")],
+        env={**env, "JAX_PROCESS_ID": str(i)}, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, out[-2000:] + err[-3000:]
+    assert "process 0 of 2, 4 devices" in outputs[0][0] and "step 6/6" in outputs[0][0]
+    assert "process 1 of 2, 4 devices" in outputs[1][0] and "loss" not in outputs[1][0]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3, 4, 5, 6, 6]  # one writer
+    np.testing.assert_allclose(as_array(losses(tmp_path / "run"), range(1, 7)),
+                               as_array(runs["one"], range(1, 7)), rtol=RTOL)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["3", "6"]
 
 
 def test_pallas_kernel_runs_per_device_under_a_mesh(runs):
