@@ -43,6 +43,23 @@ def train(config, workdir) -> dict:
         trainer.checkpointer.close()
 
 
+def sharded_start(run: RunConfig, mesh):
+    """The fresh model and optimizer, created inside jit directly in their FSDP shardings (no
+    device ever holds more than its share) -> ((model_def, opt_def), (model_state, opt_state),
+    (model_shardings, opt_shardings), number of parameters)."""
+    tx = make_optimizer(run.optimizer, run.train.steps)
+
+    def create():
+        model = build_model(run.model, run.train.seed)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    (model_def, model_shape), (opt_def, opt_shape) = map(nnx.split, nnx.eval_shape(create))
+    shardings = state_shardings(model_shape, mesh), state_shardings(opt_shape, mesh)
+    states = jax.jit(lambda: tuple(nnx.state(x) for x in create()), out_shardings=shardings)()
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model_shape, nnx.Param)))
+    return (model_def, opt_def), states, shardings, num_params
+
+
 class Trainer:
     def __init__(self, run: RunConfig, workdir: pathlib.Path):
         self.run, self.workdir, steps = run, workdir, run.train.steps
@@ -51,24 +68,12 @@ class Trainer:
         self.mesh = make_mesh(run.mesh)
         check_batch_size(run.data.batch_size, self.mesh)
         self.lead = jax.process_index() == 0  # the one process that logs, prints and plots
-        tx = make_optimizer(run.optimizer, steps)
-
-        def create():
-            model = build_model(run.model, run.train.seed)
-            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-        (model_def, model_shape), (opt_def, opt_shape) = map(nnx.split, nnx.eval_shape(create))
-        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model_shape, nnx.Param)))
-        shardings = state_shardings(model_shape, self.mesh), state_shardings(opt_shape, self.mesh)
-        # born sharded: no device ever holds the whole model unless the mesh says so
-        self.model_state, self.opt_state = jax.jit(
-            lambda: tuple(nnx.state(x) for x in create()), out_shardings=shardings)()
+        (model_def, opt_def), (self.model_state, self.opt_state), shardings, self.num_params = (
+            sharded_start(run, self.mesh))
         self.batch_sharding = batch_sharding(self.mesh)
         self.rows = local_rows(self.batch_sharding, run.data.batch_size)
         self.train_step = make_train_step(model_def, opt_def, (*shardings, self.batch_sharding))
-        sharded_eval = make_eval_step(model_def, (shardings[0], self.batch_sharding))
-        self.eval_step = lambda state, batch: sharded_eval(
-            state, self._global({k: v[self.rows.start:self.rows.stop] for k, v in batch.items()}))
+        self._eval_step = make_eval_step(model_def, (shardings[0], self.batch_sharding))
         self.checkpointer = Checkpointer(workdir, run.train.max_to_keep)
         self.log = MetricsLog(workdir)
         self.step = 0
@@ -120,6 +125,11 @@ class Trainer:
     def _global(self, local: dict) -> dict:
         return global_batch(local, self.batch_sharding, self.run.data.batch_size)
 
+    def _eval(self, model_state, batch: dict):
+        """The eval step on a whole validation batch, of which this process passes its rows."""
+        rows = slice(self.rows.start, self.rows.stop)
+        return self._eval_step(model_state, self._global({k: v[rows] for k, v in batch.items()}))
+
     def _header(self) -> str:
         r, d, mesh = self.run, self.run.data, self.mesh
         where = (f"resuming at step {self.step}" if self.step else "starting at step 0")
@@ -161,7 +171,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         started = time.perf_counter()
-        record = {"step": self.step, **validation_loss(self.eval_step, self.model_state,
+        record = {"step": self.step, **validation_loss(self._eval, self.model_state,
                                                         self.run.data, self.run.train.eval_batches)}
         self.progress.line(format_eval_line(record))
         if self.lead:
