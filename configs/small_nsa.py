@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
         learning_rate=1e-3, warmup_steps=200, final_lr_fraction=0.1, weight_decay=0.1,
         b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0))
 
+    # every device of the machine, parameters and optimizer state split FSDP-style (docs/scaling.md)
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, distributed=False))
+
     c.eval = ml_collections.ConfigDict(dict(
         lengths=(512, 1024, 2048, 4096, 8192, 16384), batch_size=4, max_batches=8,
         passkey_lengths=(1024, 2048, 4096, 8192, 16384),

@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
         learning_rate=3e-3, warmup_steps=20, final_lr_fraction=0.1, weight_decay=0.1,
         b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0))
 
+    # every device of the machine, parameters and optimizer state split FSDP-style (docs/scaling.md)
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, distributed=False))
+
     c.eval = ml_collections.ConfigDict(dict(
         lengths=(64, 128, 256, 512), batch_size=8, max_batches=4, passkey_lengths=(128, 256, 512),
         passkey_depths=(0.0, 0.5, 1.0), passkey_examples=8))

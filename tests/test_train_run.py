@@ -78,10 +78,10 @@ def test_nan_loss_aborts_with_a_message(tmp_path, monkeypatch):
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
-    def batch_then_signal(data, seed, step):
+    def batch_then_signal(data, seed, step, rows=None):
         if step == 3:  # delivered to this (the main) thread while step 3 is being prepared
             os.kill(os.getpid(), signal.SIGTERM)
-        return make_train_batch(data, seed, step)
+        return make_train_batch(data, seed, step, rows)
 
     monkeypatch.setattr(loop, "make_train_batch", batch_then_signal)
     with pytest.raises(Interrupted) as stop:

@@ -31,6 +31,14 @@ def tiny_config(**changes):
     return config
 
 
+def mesh_config(data: int, fsdp: int, **changes):
+    """The shrunk tiny config for the multi-device tests: 8 rows (divisible by 1, 2, 4, 8
+    devices), 6 steps with a checkpoint at 3 and 6, the xla implementation, a data x fsdp mesh."""
+    return tiny_config(**{"data.batch_size": 8, "steps": 6, "checkpoint_every": 3,
+                          "eval_every": 6, "model.implementation": "xla", "mesh.data": data,
+                          "mesh.fsdp": fsdp, **changes})
+
+
 def overrides(**changes) -> list[str]:
     """SHRINK and `changes` as --config.key=value arguments."""
     return [f"--config.{k}={v}" for k, v in {**SHRINK, **changes}.items()]

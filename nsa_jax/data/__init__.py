@@ -4,8 +4,9 @@ Training and validation (the trainer's whole interface):
     cfg = DataConfig(corpora="shakespeare:1,python_stdlib:1", seq_len=256, batch_size=8,
                      validation_fraction=0.1, passkey_prob=0.0, mqar_prob=0.0, mqar_num_pairs=8)
     DataConfig.from_mapping(d)                  # from a dict / ConfigDict; unknown keys name the valid ones
-    make_train_batch(cfg, seed, step) -> dict   # tokens, targets, segment_ids: int32 [B, T];
-                                                # loss_mask: float32 [B, T]; pure in (cfg, seed, step)
+    make_train_batch(cfg, seed, step, rows=None) -> dict   # tokens, targets, segment_ids: int32
+                                                # [B, T]; loss_mask: float32 [B, T]; pure in
+                                                # (cfg, seed, step); rows: only those rows
     validation_batches(cfg, corpus=None, max_batches=None) -> Iterator[dict]   # same dict layout
 
 Synthetic long-context tasks (training mix and evaluation):

@@ -41,15 +41,16 @@ def _train_row(cfg: DataConfig, rng: np.random.Generator, streams, corpus_p) -> 
     return example_row(example, cfg.seq_len)
 
 
-def make_train_batch(cfg: DataConfig, seed: int, step: int) -> dict:
-    """{tokens, targets, segment_ids: int32 [B, T]; loss_mask: float32 [B, T]} for (seed, step)."""
+def make_train_batch(cfg: DataConfig, seed: int, step: int, rows: range | None = None) -> dict:
+    """{tokens, targets, segment_ids: int32 [B, T]; loss_mask: float32 [B, T]} for (seed, step).
+    With `rows`, only those rows of the batch (a process's share of a global batch)."""
     for key, value in (("seed", seed), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{key} must be an int >= 0, got {value!r}")
     streams = [split_stream(cfg, name, "train") for name, _ in cfg.corpora]
     weights = np.array([w for _, w in cfg.corpora])
     rows = [_train_row(cfg, np.random.default_rng([seed, step, r]), streams, weights / weights.sum())
-            for r in range(cfg.batch_size)]
+            for r in (range(cfg.batch_size) if rows is None else rows)]
     return rows_to_batch(rows)
 
 

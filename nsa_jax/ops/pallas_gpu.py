@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax.ops import dispatch, layout
+from nsa_jax.ops.per_device import per_device
 
 
 def on_gpu() -> bool:
@@ -29,25 +30,28 @@ def _slot_start(segment_ids, q, cfg):
 def selected_attention(q, k, v, indices, cfg, segment_ids, scale):
     from pallas_kernels import gpu
 
-    return gpu.selected_attention(q, k, v, indices, cfg, doc_start=_doc_start(segment_ids, q),
-                                  scale=scale, interpret=not on_gpu())
+    kernel = lambda q, k, v, indices, doc_start: gpu.selected_attention(
+        q, k, v, indices, cfg, doc_start=doc_start, scale=scale, interpret=not on_gpu())
+    return per_device(kernel, q, k, v, indices, _doc_start(segment_ids, q))
 
 
 def compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids, scale):
     from pallas_kernels import gpu
 
-    return gpu.compressed_attention(q, k_cmp, v_cmp, _slot_start(segment_ids, q, cfg), cfg,
-                                    doc_start=_doc_start(segment_ids, q), scale=scale,
-                                    interpret=not on_gpu())
+    kernel = lambda q, k_cmp, v_cmp, slots, doc_start: gpu.compressed_attention(
+        q, k_cmp, v_cmp, slots, cfg, doc_start=doc_start, scale=scale, interpret=not on_gpu())
+    return per_device(kernel, q, k_cmp, v_cmp, _slot_start(segment_ids, q, cfg),
+                      _doc_start(segment_ids, q))
 
 
 def select(q, k_cmp, lse, cfg, segment_ids, scale):
     from pallas_kernels import gpu
 
     stop = jax.lax.stop_gradient
-    return gpu.select_blocks(stop(q), stop(k_cmp), stop(lse), _slot_start(segment_ids, q, cfg),
-                             cfg, doc_start=_doc_start(segment_ids, q), scale=scale,
-                             interpret=not on_gpu())
+    kernel = lambda q, k_cmp, lse, slots, doc_start: gpu.select_blocks(
+        q, k_cmp, lse, slots, cfg, doc_start=doc_start, scale=scale, interpret=not on_gpu())
+    return per_device(kernel, stop(q), stop(k_cmp), stop(lse), _slot_start(segment_ids, q, cfg),
+                      _doc_start(segment_ids, q))
 
 
 def _cudnn_window_fits(q, k, v, segment_ids) -> bool:
@@ -62,9 +66,10 @@ def window_attention(q, k, v, cfg, segment_ids, scale):
     if not _cudnn_window_fits(q, k, v, segment_ids):
         return dispatch.run("window_attention", "xla", q, k, v, cfg, segment_ids, scale)
     # is_causal=True is required: a left-only window without it attends to the future on cuDNN.
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                        local_window_size=(cfg.window - 1, 0),
-                                        implementation="cudnn")
+    kernel = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, local_window_size=(cfg.window - 1, 0),
+        implementation="cudnn")
+    return per_device(kernel, q, k, v)
 
 
 def register():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from nsa_jax.ops import dispatch, layout
+from nsa_jax.ops.per_device import per_device
 from pallas_kernels.tpu import compressed, selected
 
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -26,17 +27,20 @@ def compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids, scale, *, interpret=
     b, t = q.shape[:2]
     doc_start = layout.document_starts(segment_ids, b, t)
     slot_start = layout.compressed_layout(segment_ids, b, t, cfg).start
-    return compressed.compressed_attention(q, k_cmp, v_cmp, doc_start, slot_start,
-                                           compress_block=cfg.compress_block, scale=scale,
-                                           interpret=interpret, **blocks)
+    kernel = lambda q, k_cmp, v_cmp, doc_start, slot_start: compressed.compressed_attention(
+        q, k_cmp, v_cmp, doc_start, slot_start, compress_block=cfg.compress_block, scale=scale,
+        interpret=interpret, **blocks)
+    return per_device(kernel, q, k_cmp, v_cmp, doc_start, slot_start)
 
 
 def selected_attention(q, k, v, indices, cfg, segment_ids, scale, *, interpret=False, **blocks):
     if not _kernel_dtype(q):
         return dispatch.run("selected_attention", "xla", q, k, v, indices, cfg, segment_ids, scale)
     doc_start = layout.document_starts(segment_ids, *q.shape[:2])
-    return selected.selected_attention(q, k, v, indices, doc_start, select_block=cfg.select_block,
-                                       scale=scale, interpret=interpret, **blocks)
+    kernel = lambda q, k, v, indices, doc_start: selected.selected_attention(
+        q, k, v, indices, doc_start, select_block=cfg.select_block, scale=scale,
+        interpret=interpret, **blocks)
+    return per_device(kernel, q, k, v, indices, doc_start)
 
 
 def register():

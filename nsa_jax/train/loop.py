@@ -10,12 +10,14 @@ from flax import nnx
 
 from nsa_jax.data import make_train_batch
 from nsa_jax.train.checkpoint import Checkpointer
+from nsa_jax.train.distributed import global_batch, initialize_if_asked, local_rows
 from nsa_jax.train.interrupts import Interrupted, catch_stop_signals
 from nsa_jax.train.metrics import MetricsLog, plot_losses
 from nsa_jax.train.model import build_model
 from nsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.train.progress import Progress, format_eval_line, format_train_line
 from nsa_jax.train.settings import RunConfig, resolve
+from nsa_jax.train.sharding import batch_sharding, check_batch_size, make_mesh, state_shardings
 from nsa_jax.train.step import make_eval_step, make_train_step
 from nsa_jax.train.validation_loss import validation_loss
 from nsa_jax.train.workdir import prepare_workdir
@@ -29,7 +31,9 @@ def train(config, workdir) -> dict:
     """Train the run `config` (ConfigDict or dict) in `workdir`, resuming from the newest good
     checkpoint there. Returns the last training and evaluation metrics."""
     run, workdir = resolve(config), pathlib.Path(workdir)
-    prepare_workdir(workdir, config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    initialize_if_asked(run.mesh.distributed)
+    if jax.process_index() == 0:
+        prepare_workdir(workdir, config.to_dict() if hasattr(config, "to_dict") else dict(config))
     trainer = Trainer(run, workdir)
     try:
         trainer.resume()
@@ -39,22 +43,37 @@ def train(config, workdir) -> dict:
         trainer.checkpointer.close()
 
 
+def sharded_start(run: RunConfig, mesh):
+    """The fresh model and optimizer, created inside jit directly in their FSDP shardings (no
+    device ever holds more than its share) -> ((model_def, opt_def), (model_state, opt_state),
+    (model_shardings, opt_shardings), number of parameters)."""
+    tx = make_optimizer(run.optimizer, run.train.steps)
+
+    def create():
+        model = build_model(run.model, run.train.seed)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    (model_def, model_shape), (opt_def, opt_shape) = map(nnx.split, nnx.eval_shape(create))
+    shardings = state_shardings(model_shape, mesh), state_shardings(opt_shape, mesh)
+    states = jax.jit(lambda: tuple(nnx.state(x) for x in create()), out_shardings=shardings)()
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model_shape, nnx.Param)))
+    return (model_def, opt_def), states, shardings, num_params
+
+
 class Trainer:
     def __init__(self, run: RunConfig, workdir: pathlib.Path):
         self.run, self.workdir, steps = run, workdir, run.train.steps
         self._started = time.perf_counter()
         self.schedule = learning_rate_schedule(run.optimizer, steps)
-        model = build_model(run.model, run.train.seed)
-        optimizer = nnx.Optimizer(model, make_optimizer(run.optimizer, steps), wrt=nnx.Param)
-        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        model_def, model_state = nnx.split(model)
-        opt_def, opt_state = nnx.split(optimizer)
-        # checkpoints restore committed arrays; committing fresh ones too makes a started and a
-        # resumed run compile (and cache) the very same step
-        self.model_state, self.opt_state = jax.device_put((model_state, opt_state),
-                                                          jax.devices()[0])
-        self.train_step = make_train_step(model_def, opt_def)
-        self.eval_step = make_eval_step(model_def)
+        self.mesh = make_mesh(run.mesh)
+        check_batch_size(run.data.batch_size, self.mesh)
+        self.lead = jax.process_index() == 0  # the one process that logs, prints and plots
+        (model_def, opt_def), (self.model_state, self.opt_state), shardings, self.num_params = (
+            sharded_start(run, self.mesh))
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.rows = local_rows(self.batch_sharding, run.data.batch_size)
+        self.train_step = make_train_step(model_def, opt_def, (*shardings, self.batch_sharding))
+        self._eval_step = make_eval_step(model_def, (shardings[0], self.batch_sharding))
         self.checkpointer = Checkpointer(workdir, run.train.max_to_keep)
         self.log = MetricsLog(workdir)
         self.step = 0
@@ -63,11 +82,16 @@ class Trainer:
         restored = self.checkpointer.restore_latest(self.model_state, self.opt_state)
         if restored is not None:
             self.step, self.model_state, self.opt_state, _ = restored
-        self.log.truncate_after(self.step)
+        if self.lead:
+            self.log.truncate_after(self.step)
 
     def fit(self) -> dict:
+        with jax.set_mesh(self.mesh):  # the mesh per-device kernels (shard_map) run on
+            return self._fit()
+
+    def _fit(self) -> dict:
         t = self.run.train
-        self.progress = Progress(t.steps, self.step)
+        self.progress = Progress(t.steps, self.step, quiet=not self.lead)
         self.progress.line(self._header())
         if self.step == 0:
             self._evaluate()
@@ -76,7 +100,8 @@ class Trainer:
         with catch_stop_signals() as signals:
             pending = None
             for step in range(self.step + 1, t.steps + 1):
-                batch = make_train_batch(self.run.data, t.seed, step - 1)
+                batch = self._global(make_train_batch(self.run.data, t.seed, step - 1,
+                                                      rows=self.rows))
                 self.model_state, self.opt_state, metrics = self.train_step(
                     self.model_state, self.opt_state, batch)
                 if pending is not None:  # read step - 1 while step runs (async dispatch)
@@ -97,14 +122,23 @@ class Trainer:
         self.progress.close()
         return self._finish()
 
+    def _global(self, local: dict) -> dict:
+        return global_batch(local, self.batch_sharding, self.run.data.batch_size)
+
+    def _eval(self, model_state, batch: dict):
+        """The eval step on a whole validation batch, of which this process passes its rows."""
+        rows = slice(self.rows.start, self.rows.stop)
+        return self._eval_step(model_state, self._global({k: v[rows] for k, v in batch.items()}))
+
     def _header(self) -> str:
-        r, d = self.run, self.run.data
+        r, d, mesh = self.run, self.run.data, self.mesh
         where = (f"resuming at step {self.step}" if self.step else "starting at step 0")
         return (f"{r.train.name}: {r.model.attention} attention, {self.num_params / 1e6:.2f}M "
                 f"parameters ({r.model.num_layers} layers, d_model {r.model.d_model}); batch "
                 f"{d.batch_size} x {d.seq_len} tokens; {r.train.steps} steps on "
-                f"{jax.default_backend()} ({jax.device_count()} device(s)); {where}; workdir "
-                f"{self.workdir}")
+                f"{jax.default_backend()}, mesh data={mesh.shape['data']} x "
+                f"fsdp={mesh.shape['fsdp']} ({mesh.size} of {jax.device_count()} device(s), "
+                f"{jax.process_count()} process(es)); {where}; workdir {self.workdir}")
 
     def _report(self, step: int, metrics) -> None:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -132,18 +166,20 @@ class Trainer:
         peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
         if peak is not None:  # GPU/TPU only: the CPU client keeps no statistics
             record["peak_memory_gib"] = peak / 2**30
-        self.log.write(record)
+        if self.lead:
+            self.log.write(record)
         self.progress.line(format_train_line(record, self.run.train.steps,
                                              per_step * (self.run.train.steps - step)))
         self._window, self._clock = 0, time.perf_counter()
 
     def _evaluate(self) -> None:
         started = time.perf_counter()
-        record = {"step": self.step, **validation_loss(self.eval_step, self.model_state,
+        record = {"step": self.step, **validation_loss(self._eval, self.model_state,
                                                         self.run.data, self.run.train.eval_batches)}
-        self.log.write(record)
         self.progress.line(format_eval_line(record))
-        plot_losses(self.log.read(), self.workdir / "loss.png", self.run.train.name)
+        if self.lead:
+            self.log.write(record)
+            plot_losses(self.log.read(), self.workdir / "loss.png", self.run.train.name)
         if hasattr(self, "_clock"):  # evaluation time is not training throughput
             self._clock += time.perf_counter() - started
 

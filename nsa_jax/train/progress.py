@@ -1,5 +1,6 @@
 """What a run shows while it trains: a tqdm bar when stderr is a terminal, and plain log lines
-(on stdout, or above the bar) every log_every steps either way."""
+(on stdout, or above the bar) every log_every steps either way. Quiet (the processes of a
+multi-process run but the first) shows nothing."""
 from __future__ import annotations
 
 import sys
@@ -8,11 +9,14 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, initial: int):
+    def __init__(self, total: int, initial: int, *, quiet: bool = False):
+        self._quiet = quiet
         self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                         disable=not sys.stderr.isatty())
+                         disable=quiet or not sys.stderr.isatty())
 
     def line(self, text: str) -> None:
+        if self._quiet:
+            return
         if self._bar.disable:
             print(text, flush=True)
         else:

@@ -2,7 +2,8 @@
 
 Top level: name, seed, steps, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
 and the sections data (nsa_jax.data.DataConfig), model (ModelConfig, with model.nsa: NSAConfig),
-optimizer (OptimizerConfig) and eval (EvalSettings, read by nsa-eval).
+optimizer (OptimizerConfig), mesh (MeshSettings: devices and hosts) and eval (EvalSettings, read by
+nsa-eval).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from nsa_jax.data import VOCAB_SIZE, DataConfig, passkey_min_length
 from nsa_jax.train.checks import from_mapping, require_int, require_number
 from nsa_jax.train.model import model_config
 from nsa_jax.train.optimizer import OptimizerConfig
+from nsa_jax.train.sharding import MeshSettings
 
 PASSKEY_DIGITS = 5
-SECTIONS = ("data", "model", "optimizer", "eval")
+SECTIONS = ("data", "model", "optimizer", "mesh", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,7 @@ class RunConfig:
     data: DataConfig
     model: ModelConfig
     optimizer: OptimizerConfig
+    mesh: MeshSettings
     eval: EvalSettings
 
 
@@ -99,6 +102,7 @@ def resolve(config) -> RunConfig:
     run = RunConfig(train=TrainSettings(**values), data=data,
                     model=model_config(sections["model"]),
                     optimizer=from_mapping(OptimizerConfig, sections["optimizer"], "optimizer"),
+                    mesh=from_mapping(MeshSettings, sections["mesh"], "mesh"),
                     eval=from_mapping(EvalSettings, sections["eval"], "eval"))
     if run.optimizer.warmup_steps >= run.train.steps:
         raise ValueError(f"config optimizer.warmup_steps ({run.optimizer.warmup_steps}) must be "

@@ -1,7 +1,9 @@
 """The jitted pure functions of a run: one optimizer update, and one validation batch.
 
 Model and optimizer travel through jit as nnx.State pytrees (split once, merged inside the
-trace), which keeps per-step Python overhead to a jax.jit dispatch.
+trace), which keeps per-step Python overhead to a jax.jit dispatch. Given shardings (model state,
+optimizer state, batch; see sharding.py) the steps take and return exactly those, so the state's
+layout never drifts between steps, checkpoints and resumes.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import optax
 from flax import nnx
 
 from nsa_jax.train.model import forward
+from nsa_jax.train.sharding import replicated
 
 
 def token_losses(model, batch):
@@ -26,8 +29,9 @@ def mean_loss(model, batch):
     return total / jnp.maximum(count, 1.0), gates
 
 
-def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef):
-    """(model_state, opt_state, batch) -> (model_state, opt_state, metrics)."""
+def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings):
+    """(model_state, opt_state, batch) -> (model_state, opt_state, metrics); shardings:
+    (model, optimizer, batch)."""
 
     def train_step(model_state, opt_state, batch):
         model = nnx.merge(model_def, model_state)
@@ -37,14 +41,19 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef):
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **gates}
         return nnx.state(model), nnx.state(optimizer), metrics
 
-    return jax.jit(train_step)
+    return jax.jit(train_step, in_shardings=shardings,
+                   out_shardings=(*shardings[:2], replicated(shardings[2].mesh)))
 
 
-def make_eval_step(model_def: nnx.GraphDef):
-    """(model_state, batch) -> (summed token loss, token count)."""
+def make_eval_step(model_def: nnx.GraphDef, shardings=None):
+    """(model_state, batch) -> (summed token loss, token count); shardings: (model, batch) or
+    None."""
 
     def eval_step(model_state, batch):
         total, count, _ = token_losses(nnx.merge(model_def, model_state), batch)
         return total, count
 
-    return jax.jit(eval_step)
+    if shardings is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=shardings, out_shardings=replicated(shardings[1].mesh))
+

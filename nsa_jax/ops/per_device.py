@@ -1,0 +1,24 @@
+"""Kernels under a device mesh. A Pallas kernel sees whole arrays, so under a mesh
+(`jax.set_mesh`) each one runs through `per_device`: a `jax.shard_map` giving every device its own
+rows of the batch. The ops are independent per batch row, so no communication is needed; the xla
+and reference implementations need none of this (jit partitions them)."""
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+
+def per_device(kernel, *arrays):
+    """kernel(*arrays) with arrays [B, ...] (or None) split by rows over every axis of the current
+    mesh; a plain call when there is no mesh or one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*arrays)
+    batch = arrays[0].shape[0]
+    if batch % mesh.size:
+        raise ValueError(f"implementation='pallas' under a mesh of {mesh.size} devices "
+                         f"({dict(mesh.shape)}) splits the batch between them: batch size "
+                         f"{batch} must be divisible by {mesh.size}")
+    rows = P(mesh.axis_names)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(rows,) * len(arrays), out_specs=rows,
+                         check_vma=False)(*arrays)
