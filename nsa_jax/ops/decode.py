@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import dispatch, validation
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
-from nsa_jax.ops.selection import _overlap_to_blocks, _top_n
+from nsa_jax.ops.selection import overlap_to_blocks, top_n
 
 
 def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig, *, k_win=None,
@@ -118,8 +118,8 @@ def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int)
     visible = (jnp.arange(c) < num_visible_compressed(position, cfg)[:, None])[:, None, None]
     visible &= jnp.isfinite(lse)[..., None]
     probs = jnp.exp(jnp.where(visible, logits - jnp.where(visible, lse[..., None], 0.0), -jnp.inf))
-    scores = _overlap_to_blocks(jnp.sum(probs, axis=2)[:, :, None], None, cfg, num_blocks)
-    return _top_n(jnp.moveaxis(scores, 1, 2).astype(jnp.float32), position[:, None], cfg)[:, 0]
+    scores = overlap_to_blocks(jnp.sum(probs, axis=2)[:, :, None], None, cfg, num_blocks)
+    return top_n(jnp.moveaxis(scores, 1, 2).astype(jnp.float32), position[:, None], cfg)[:, 0]
 
 
 def combine_branches(gates, outputs, dtype):

@@ -38,7 +38,7 @@ def _compressed_probs(q_c, pos_c, doc_c, lse_c, k_c, start, cfg, scale):
     return jnp.sum(probs, axis=2)
 
 
-def _overlap_to_blocks(probs, index, cfg: NSAConfig, num_blocks: int):
+def overlap_to_blocks(probs, index, cfg: NSAConfig, num_blocks: int):
     """Map probabilities over compressed slots [B, H, C, Tc] to selection blocks [B, H, C, NB].
 
     Slot probabilities are first placed at their document-relative index i (slots of other
@@ -66,7 +66,7 @@ def _scores_chunk(xs, shared, cfg, scale, num_blocks):
     q_c, pos_c, doc_c, lse_c = xs
     k_c, start, index = shared
     probs = _compressed_probs(q_c.astype(k_c.dtype), pos_c, doc_c, lse_c, k_c, start, cfg, scale)
-    return jnp.moveaxis(_overlap_to_blocks(probs, index, cfg, num_blocks), 1, 2)
+    return jnp.moveaxis(overlap_to_blocks(probs, index, cfg, num_blocks), 1, 2)
 
 
 def _score_inputs(q, k_cmp, lse, cfg, segment_ids):
@@ -113,7 +113,7 @@ def pad_blocks_to(scores, n: int):
     return jnp.pad(scores, [(0, 0)] * 3 + [(0, short)], constant_values=-jnp.inf)
 
 
-def _top_n(scores, local_pos, cfg):
+def top_n(scores, local_pos, cfg):
     cand = pad_blocks_to(candidate_scores(scores, local_pos, cfg), cfg.num_selected)
     values, chosen = jax.lax.top_k(cand, cfg.num_selected)  # ties: lower index first
     return finalize_indices(chosen, values)
@@ -140,7 +140,7 @@ def select_blocks(scores, cfg: NSAConfig, *, segment_ids=None, implementation=No
     return dispatch.run("select_blocks", implementation, scores.astype(jnp.float32), local_pos, cfg)
 
 
-dispatch.register("select_blocks", "xla")(_top_n)
+dispatch.register("select_blocks", "xla")(top_n)
 
 
 @dispatch.register("select", "xla")
@@ -152,7 +152,7 @@ def _select_fused_xla(q, k_cmp, lse, cfg, segment_ids, scale):
 
     def fn(xs, sh):
         scores = _scores_chunk(xs, sh, cfg, scale, num_blocks)
-        return (_top_n(scores, xs[1] - xs[2], cfg),)
+        return (top_n(scores, xs[1] - xs[2], cfg),)
 
     return map_query_chunks(fn, per_query, shared)[0]
 
