@@ -10,8 +10,8 @@ from flax import nnx
 from nsa_jax.eval.context_length import loss_by_length
 from nsa_jax.eval.passkey import passkey_grid
 from nsa_jax.eval.report import write_report
-from nsa_jax.train.checkpoint import Checkpointer
-from nsa_jax.train.model import build_model, forward
+from nsa_jax.train.checkpoint import restore_trained_model
+from nsa_jax.train.model import forward
 from nsa_jax.train.settings import resolve
 from nsa_jax.train.step import make_eval_step
 
@@ -20,16 +20,7 @@ def evaluate_workdir(config, workdir) -> dict:
     """Loss by context length and the passkey grid for the run in `workdir` (its stored config
     with any overrides); writes eval.json and eval.png there and returns the result."""
     run, workdir = resolve(config), pathlib.Path(workdir)
-    model_def, model_state = nnx.split(build_model(run.model, run.train.seed))
-    checkpointer = Checkpointer(workdir, run.train.max_to_keep, read_only=True)
-    try:
-        restored = checkpointer.restore_latest(model_state)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first "
-                                f"(nsa-train --config ... --workdir {workdir})")
-    step, model_state = restored[0], restored[1]
+    model_def, model_state, step = restore_trained_model(run, workdir)
     settings = run.eval
     print(f"{run.train.name}: evaluating the checkpoint of step {step}", flush=True)
     logits = jax.jit(lambda state, batch: forward(nnx.merge(model_def, state), batch)[0])
