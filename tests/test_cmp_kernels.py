@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from kernel_testing import CompiledOrInterpreted
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import dispatch, layout
@@ -56,18 +57,7 @@ def _kernel_inputs(q, cfg, segment_ids):
     return start, doc
 
 
-class TestCompressedKernels:
-    INTERPRET = False
-
-    @pytest.fixture(autouse=True)
-    def _needs_backend(self):
-        if not self.INTERPRET and jax.default_backend() != "gpu":
-            pytest.skip("compiled Triton kernels need a GPU; the interpret subclass runs on CPU")
-
-    def _tolerance(self, dtype):
-        if dtype == jnp.bfloat16:
-            return 3e-2
-        return 1e-5 if self.INTERPRET else 5e-3  # GPU float32 dots run as TF32
+class TestCompressedKernels(CompiledOrInterpreted):
 
     @pytest.mark.parametrize("name", sorted(CASES))
     def test_attention_matches_oracle(self, name):

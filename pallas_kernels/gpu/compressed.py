@@ -17,7 +17,7 @@ from nsa_jax.config import NSAConfig
 from pallas_kernels.gpu.compressed_bwd import compressed_dkv, compressed_dq
 from pallas_kernels.gpu.compressed_fwd import CompressedTiling, compressed_forward
 from pallas_kernels.gpu.compressed_index import key_tiles_per_query_tile, query_tiles_per_key_tile
-from pallas_kernels.gpu.padding import pad_to, pow2
+from pallas_kernels.gpu.padding import check_layout, pad_to, pow2
 
 _MIN_ROWS = 16  # smallest dot row count kept on GPU
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -68,12 +68,7 @@ def _check_inputs(q, k_cmp, v_cmp, start, doc_start):
     if not (q.dtype == k_cmp.dtype == v_cmp.dtype) or q.dtype not in DTYPES:
         raise ValueError(f"q, k_cmp, v_cmp must share one dtype of {[d.__name__ for d in DTYPES]};"
                          f" got {q.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
-    if start.shape != (b, tc) or start.dtype != jnp.int32:
-        raise ValueError(f"start must be int32 [B, Tc] = [{b}, {tc}]; got {start.dtype} "
-                         f"{start.shape}")
-    if doc_start is not None and (doc_start.shape != (b, t) or doc_start.dtype != jnp.int32):
-        raise ValueError(f"doc_start must be int32 [B, T] = [{b}, {t}]; got {doc_start.dtype} "
-                         f"{doc_start.shape}")
+    check_layout(start, doc_start, b, t, tc)
 
 
 def group_queries(q, num_kv_heads: int, length: int):

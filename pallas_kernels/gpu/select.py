@@ -9,7 +9,7 @@ from nsa_jax.config import NSAConfig
 from pallas_kernels.gpu.compressed import (DTYPES, group_queries, padded_documents,
                                            tile_sizes)
 from pallas_kernels.gpu.compressed_index import first_slot_of_document
-from pallas_kernels.gpu.padding import pad_to, pow2
+from pallas_kernels.gpu.padding import check_layout, pad_to, pow2
 from pallas_kernels.gpu.select_kernel import SelectTiling, select_forward
 
 
@@ -26,12 +26,7 @@ def _check_inputs(q, k_cmp, lse, start, doc_start):
                          f"got {q.dtype}, {k_cmp.dtype}")
     if lse.shape != (b, t, hq):
         raise ValueError(f"lse must be [B, T, Hq] = [{b}, {t}, {hq}]; got {lse.shape}")
-    if start.shape != (b, tc) or start.dtype != jnp.int32:
-        raise ValueError(f"start must be int32 [B, Tc] = [{b}, {tc}]; got {start.dtype} "
-                         f"{start.shape}")
-    if doc_start is not None and (doc_start.shape != (b, t) or doc_start.dtype != jnp.int32):
-        raise ValueError(f"doc_start must be int32 [B, T] = [{b}, {t}]; got {doc_start.dtype} "
-                         f"{doc_start.shape}")
+    check_layout(start, doc_start, b, t, tc)
 
 
 def _document_leaders(doc, qb: int):
