@@ -36,7 +36,7 @@ def resume_on(source: pathlib.Path, workdir: pathlib.Path, data: int, fsdp: int)
         trainer.resume()
         devices = {len(leaf.sharding.device_set) for leaf in
                    jax.tree.leaves((trainer.model_state, trainer.opt_state))}
-        embedding = trainer.model_state["embed"]["embedding"].value
+        embedding = trainer.model_state["embed"]["embedding"][...]
         resumed_at = trainer.step
         trainer.fit()
     finally:

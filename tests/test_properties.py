@@ -119,5 +119,17 @@ def test_bfloat16_is_finite_and_close_to_float32(key):
     assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
     f32 = tuple(x.astype(jnp.float32) for x in (q, k, v, g))
     want, want_aux = _nsa("reference")(*f32)
-    np.testing.assert_array_equal(aux["indices"], want_aux["indices"])
-    assert rel_err(out.astype(jnp.float32), want) <= 1e-2
+    got_idx, want_idx = np.asarray(aux["indices"]), np.asarray(want_aux["indices"])
+    # bf16 rounding may flip a near-tie between blocks, never a clear winner: where the chosen
+    # sets differ, the bf16 choice must score (in float32) as well as the float32 choice.
+    k_cmp = ops.compress(f32[1], SMALL)
+    scores = np.asarray(ops.block_scores(f32[0], k_cmp, want_aux["lse_cmp"], SMALL))
+    def chosen_score(idx):
+        picked = np.take_along_axis(scores, np.maximum(idx, 0), axis=-1)
+        return np.where(idx >= 0, picked, 0.0).sum(-1)
+    same = np.all(np.sort(got_idx, -1) == np.sort(want_idx, -1), axis=-1)  # [B, T, Hkv]
+    assert same.mean() >= 0.98, f"bf16 changed the selection of {1 - same.mean():.1%} of rows"
+    np.testing.assert_allclose(chosen_score(got_idx), chosen_score(want_idx), atol=2e-2)
+    rows = np.repeat(same, q.shape[2] // k.shape[2], axis=-1)[..., None]  # [B, T, Hq, 1]
+    out32 = np.where(rows, np.asarray(out, np.float32), 0.0)
+    assert rel_err(out32, np.where(rows, np.asarray(want), 0.0)) <= 1e-2

@@ -68,7 +68,7 @@ def test_nan_loss_aborts_with_a_message(tmp_path, monkeypatch):
 
     def poisoned_model(cfg, seed):
         model = build_model(cfg, seed)
-        model.embed.embedding.value = model.embed.embedding.value.at[:, 0].set(jnp.nan)
+        model.embed.embedding[...] = model.embed.embedding[...].at[:, 0].set(jnp.nan)
         return model
 
     monkeypatch.setattr(loop, "build_model", poisoned_model)

@@ -38,7 +38,7 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings):
         optimizer = nnx.merge(opt_def, opt_state)
         (loss, gates), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model, batch)
         optimizer.update(model, grads)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **gates}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **gates}
         return nnx.state(model), nnx.state(optimizer), metrics
 
     return jax.jit(train_step, in_shardings=shardings,
