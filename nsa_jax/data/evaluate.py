@@ -5,7 +5,7 @@ argmax at every answer position (given the true prefix) is the answer token.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,20 +21,25 @@ def answer_hits(logits: np.ndarray, examples: Sequence[SyntheticExample]) -> np.
     return np.array(hits, dtype=bool)
 
 
-def answer_accuracy(logits_fn: Callable[[dict], np.ndarray],
-                    examples: Sequence[SyntheticExample], batch_size: int = 8) -> float:
-    """Fraction of all answers (one per passkey example, num_pairs per MQAR example) that
-    `logits_fn(batch) -> [B, T, V]` gets exactly right. Batches are the dicts of
-    `examples_to_batch` (tokens, targets, segment_ids, loss_mask), all [batch_size, longest example]
-    so a jitted `logits_fn` compiles once (a short last batch repeats its final example, unscored)."""
+def padded_batches(examples: Sequence[SyntheticExample], batch_size: int
+                   ) -> Iterator[tuple[list[SyntheticExample], dict]]:
+    """(examples of the batch, batch) pairs: the dicts of `examples_to_batch` (tokens, targets,
+    segment_ids, loss_mask), all [batch_size, longest example] so a jitted model compiles once (a
+    short last batch repeats its final example; only the examples returned with it count)."""
     if not examples:
-        raise ValueError("answer_accuracy needs at least one example")
+        raise ValueError("evaluation needs at least one example")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     length = max(e.tokens.size for e in examples)
-    hits = []
     for i in range(0, len(examples), batch_size):
         chunk = list(examples[i:i + batch_size])
-        padded = chunk + chunk[-1:] * (batch_size - len(chunk))
-        hits.append(answer_hits(logits_fn(examples_to_batch(padded, length)), chunk))
+        yield chunk, examples_to_batch(chunk + chunk[-1:] * (batch_size - len(chunk)), length)
+
+
+def answer_accuracy(logits_fn: Callable[[dict], np.ndarray],
+                    examples: Sequence[SyntheticExample], batch_size: int = 8) -> float:
+    """Fraction of all answers (one per passkey example, num_pairs per MQAR example) that
+    `logits_fn(batch) -> [B, T, V]` gets exactly right, over the `padded_batches` of `examples`."""
+    hits = [answer_hits(logits_fn(batch), chunk)
+            for chunk, batch in padded_batches(examples, batch_size)]
     return float(np.concatenate(hits).mean())
