@@ -27,7 +27,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _length_label(length: int, trained: int) -> str:
-    return f"{length} ({length / trained:g}x)"
+    return f"{length} ({length / trained:.3g}x)"
 
 
 def accuracy_table(result: dict, kind: str) -> list[str]:
@@ -49,7 +49,8 @@ def selection_tables(result: dict) -> list[str]:
                      [[str(i), _cell(a), _cell(u)] for i, (a, u) in
                       enumerate(zip(per_layer["hit_rate"], per_layer["unforced_hit_rate"]))]),
              "", f"Forced (the key's blocks are always selected for that query: the first "
-             f"num_init_blocks or the num_local_blocks ending at the query's block): "
+             f"num_init_blocks, the num_local_blocks ending at the query's block, or all blocks "
+             f"when the query sees at most num_selected): "
              f"{_cell(per_layer['forced_fraction'])} of all (query, KV head) pairs; "
              f"{per_layer['forced_cells']} of {per_layer['cells']} grid cells are entirely forced "
              "and say nothing about learned selection.", "",
@@ -85,13 +86,14 @@ def plot(result: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), layout="constrained")
     lengths = [_length_label(n, result["trained_length"]) for n in result["lengths"]]
     depths = [f"{d:g}" for d in result["depths"]]
     for ax, kind in zip(axes, KINDS):
         image = _heat_map(ax, result[kind]["accuracy"], depths, lengths,
                           f"{KINDS[kind]}: passkey accuracy", "needle depth (0 = start, 1 = end)",
                           "context length (tokens)")
+    axes[1].set(yticklabels=[], ylabel="")  # the same rows as the NSA map beside it
     selection = result["nsa"]["selection"]
     free = np.array(selection["unforced_hits"]).sum(2)  # [layers, lengths]
     total = (selection["queries"] - np.array(selection["forced"])).sum(1)  # [lengths]
@@ -101,10 +103,10 @@ def plot(result: dict, path: pathlib.Path) -> None:
     _heat_map(axes[2], rates, lengths + ["all"], [str(i) for i in range(len(rates))],
               "NSA selection hit rate, non-forced queries", "context length (tokens)", "layer")
     axes[2].tick_params(axis="x", labelrotation=20)
-    fig.colorbar(image, ax=axes, shrink=0.85)
+    fig.colorbar(image, ax=axes, shrink=0.9)
     fig.suptitle(f"passkey retrieval, trained at {result['trained_length']} tokens "
                  f"({result['examples']} examples per cell)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

@@ -45,15 +45,18 @@ def test_hit_miss_and_needle_straddling_two_blocks():
 
 
 def test_forced_hits_layers_and_kv_heads():
-    # key at 3: block 0, always chosen; key at 36: block 4, local for query 47 (block 5) but
-    # not for query 48 (block 6)
-    start, local = _example((10, 11), (3, 4)), _example((48, 50), (36, 37))
-    indices = _indices({9: [0, 1]}, {47: [0, 4, 5], 48: [0, 4, 5, 6]}, layers=2, kv_heads=2)
-    indices[1, 1, 48, 1] = [0, 1, 5, 6]  # layer 1, KV head 1 of query 48 misses block 4
-    hits, forced = selection_hits(indices, [start, local], CFG)
-    # columns: (example, query, KV head) = (0, 9, 0), (0, 9, 1), (1, 47, 0), ... (1, 48, 1)
-    np.testing.assert_array_equal(forced, [True, True, True, True, False, False])
-    np.testing.assert_array_equal(hits, [[True] * 6, [True] * 5 + [False]])
+    # key at 3: block 0, always chosen; key at 9: block 1, neither init nor local for query 25
+    # (block 3), but query 25 sees only 4 blocks, all selected; key at 36: block 4, local for
+    # query 47 (block 5) but not for query 48 (block 6)
+    start, few = _example((10, 11), (3, 4)), _example((26, 27), (9, 10))
+    local = _example((48, 50), (36, 37))
+    indices = _indices({9: [0, 1]}, {25: [0, 1, 2, 3]}, {47: [0, 4, 5], 48: [0, 4, 5, 6]},
+                       layers=2, kv_heads=2)
+    indices[1, 2, 48, 1] = [0, 1, 5, 6]  # layer 1, KV head 1 of query 48 misses block 4
+    hits, forced = selection_hits(indices, [start, few, local], CFG)
+    # columns: (example, query, KV head) = (0, 9, 0), (0, 9, 1), (1, 25, 0), ... (2, 48, 1)
+    np.testing.assert_array_equal(forced, [True] * 6 + [False, False])
+    np.testing.assert_array_equal(hits, [[True] * 8, [True] * 7 + [False]])
 
 
 def test_selection_hits_rejects_bad_shapes():
@@ -64,9 +67,9 @@ def test_selection_hits_rejects_bad_shapes():
 
 
 def _model_config(attention):
-    # blocks of 32; the key digits are tokens 17..21 at depth 0 (block 0: forced), 23..27 (96
-    # tokens, depth 0.5: forced) or 39..43, 29..33, 61..65 (blocks 1, 0-1, 1-2: queries at
-    # 90..94 or 122..126 lie in blocks 2 or 3, so not forced)
+    # blocks of 32: at 96 tokens the queries (90..94) see 3 blocks, all selected (forced); at 128
+    # the queries (122..126, block 3) have blocks 0 and 3 forced, and the key digits are tokens
+    # 17..21 at depth 0 (block 0: forced), 39..43 at 0.5 and 61..65 at 1 (blocks 1, 1-2: not)
     nsa = NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=3,
                     num_init_blocks=1, num_local_blocks=1, window=16)
     return ModelConfig(vocab_size=VOCAB_SIZE, d_model=32, num_layers=2, num_heads=2,
@@ -97,13 +100,13 @@ def test_grid_shapes(grid_result):
     for key in ("hits", "unforced_hits", "hit_rate", "unforced_hit_rate"):
         assert np.array(selection[key], dtype=float).shape == (2, 2, 3)
     assert np.array(selection["forced"]).shape == (2, 3)
-    np.testing.assert_array_equal(selection["forced_fraction"], [[1, 1, 0], [1, 0, 0]])
-    assert all(layer[0][:2] == [None, None] and layer[1][0] is None
+    np.testing.assert_array_equal(selection["forced_fraction"], [[1, 1, 1], [1, 0, 0]])
+    assert all(layer[0] == [None] * 3 and layer[1][0] is None
                for layer in selection["unforced_hit_rate"])
     assert np.all(np.array(selection["hits"]) >= np.array(selection["forced"])[None])
     per_layer = selection["per_layer"]
-    assert len(per_layer["hit_rate"]) == 2 and per_layer["forced_fraction"] == pytest.approx(1 / 2)
-    assert per_layer["forced_cells"] == 3 and per_layer["cells"] == 6
+    assert len(per_layer["hit_rate"]) == 2 and per_layer["forced_fraction"] == pytest.approx(2 / 3)
+    assert per_layer["forced_cells"] == 4 and per_layer["cells"] == 6
 
 
 def test_report_writes_png_and_tables(grid_result, tmp_path):

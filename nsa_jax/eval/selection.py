@@ -4,8 +4,9 @@ For each answer span (s, e) of an example and its evidence span, the queries are
 s-1 .. e-2 (those whose logits predict the answer tokens); a query hits in a layer and KV head when
 every selection block that holds an evidence token (block = position // select_block, positions
 counted from the document's start) is among its selected indices. A hit is *forced* when all those
-blocks are ones NSA always selects for that query (the first num_init_blocks and the
-num_local_blocks ending at the query's own block): it says nothing about the learned scores.
+blocks are ones NSA always selects for that query (the first num_init_blocks, the num_local_blocks
+ending at the query's own block, or every block when the query sees no more than num_selected):
+it says nothing about the learned scores.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def forced_blocks(queries: np.ndarray, blocks: np.ndarray, cfg: NSAConfig) -> np
     """[Q, E] bool: evidence block e is always selected for query queries[q]."""
     own = queries[:, None] // cfg.select_block
     local = (blocks[None] <= own) & (blocks[None] > own - cfg.num_local_blocks)
-    return local | (blocks[None] < cfg.num_init_blocks)
+    return local | (blocks[None] < cfg.num_init_blocks) | (own < cfg.num_selected)
 
 
 def selection_hits(indices: np.ndarray, examples: Sequence[SyntheticExample],
