@@ -12,7 +12,8 @@ Three stages, each a re-runnable command (a training run that is cut off resumes
 with model.attention=full: identical data, seed, steps and optimizer) by at most --chunk-minutes
 each; SIGTERM makes the trainer save and stop, and running the command again continues. Extra
 arguments are nsa-train config overrides, applied to both. `eval` restores both runs' newest
-checkpoints and measures passkey exact-match accuracy on the same examples per grid cell (default
+checkpoints and measures passkey exact-match accuracy (and the share of key digits right, each
+given the true ones before it) on the same examples per grid cell (default
 lengths: the trained seq_len times 1, 2, 3, 4; depths 0, .25, .5, .75, 1) and, for NSA, the
 selection hit rate per layer (nsa_jax/eval/selection.py says what a hit and a forced hit are),
 from one jitted logits-and-indices forward per batch -> OUT/retrieval.json. `report` turns that
@@ -44,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.retrieval_report import report  # noqa: E402
 from experiments.runs import train_in_chunks  # noqa: E402
-from nsa_jax.data import answer_hits, padded_batches, passkey_min_length  # noqa: E402
+from nsa_jax.data import (answer_hits, answer_token_hits, padded_batches,  # noqa: E402
+                          passkey_min_length)
 from nsa_jax.eval import parse_eval_args, passkey_cell, selection_hits  # noqa: E402
 from nsa_jax.eval.passkey import NUM_DIGITS  # noqa: E402
 from nsa_jax.train import resolve  # noqa: E402
@@ -120,20 +122,22 @@ def make_forward(graphdef):
 
 
 def evaluate_cell(forward, state, examples, batch_size: int, nsa_cfg=None):
-    """-> (accuracy, hits [layers, N] bool, forced [N] bool) over `examples`; hits and forced are
-    None without nsa_cfg (dense attention)."""
-    answers, hits, forced = [], [], []
+    """-> (exact-match accuracy, key-digit accuracy, hits [layers, N] bool, forced [N] bool) over
+    `examples`; hits and forced are None without nsa_cfg (dense attention)."""
+    answers, digits, hits, forced = [], [], [], []
     for chunk, batch in padded_batches(examples, batch_size):
         logits, indices = forward(state, batch["tokens"], batch["segment_ids"])
-        answers.append(answer_hits(np.asarray(logits), chunk))
+        logits = np.asarray(logits)
+        answers.append(answer_hits(logits, chunk))
+        digits += answer_token_hits(logits, chunk)
         if nsa_cfg is not None:
             cell_hits, cell_forced = selection_hits(np.asarray(indices), chunk, nsa_cfg)
             hits.append(cell_hits)
             forced.append(cell_forced)
-    accuracy = float(np.concatenate(answers).mean())
+    accuracy = (float(np.concatenate(answers).mean()), float(np.concatenate(digits).mean()))
     if nsa_cfg is None:
-        return accuracy, None, None
-    return accuracy, np.concatenate(hits, axis=1), np.concatenate(forced)
+        return *accuracy, None, None
+    return *accuracy, np.concatenate(hits, axis=1), np.concatenate(forced)
 
 
 def _rates(counts, totals) -> list:
@@ -162,17 +166,18 @@ def selection_summary(hits: np.ndarray, forced: np.ndarray) -> dict:
 
 def evaluate_grid(forward, state, lengths, depths, examples: int, batch_size: int, seed: int,
                   nsa_cfg=None) -> dict:
-    """Accuracy [lengths][depths] and, with nsa_cfg, the selection summary of one model."""
-    accuracy = np.zeros((len(lengths), len(depths)))
+    """Exact-match and key-digit accuracy [lengths][depths] and, with nsa_cfg, the selection
+    summary of one model."""
+    accuracy, digits = np.zeros((2, len(lengths), len(depths)))
     hits, forced = [], []
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
             cell = passkey_cell(length, depth, examples, seed)
-            accuracy[i, j], cell_hits, cell_forced = evaluate_cell(forward, state, cell,
-                                                                   batch_size, nsa_cfg)
+            accuracy[i, j], digits[i, j], cell_hits, cell_forced = evaluate_cell(
+                forward, state, cell, batch_size, nsa_cfg)
             hits.append(cell_hits)
             forced.append(cell_forced)
-    result = {"accuracy": accuracy.tolist()}
+    result = {"accuracy": accuracy.tolist(), "digit_accuracy": digits.tolist()}
     if nsa_cfg is not None:
         grid = (len(lengths), len(depths))
         stacked = np.stack(hits, axis=1)  # [layers, cells, N]
@@ -200,8 +205,9 @@ def evaluate(out: pathlib.Path, lengths, depths, examples: int, batch_size: int,
         result[kind] = {"config": run.train.name, "step": step, "planned_steps": run.train.steps,
                         "model": dataclasses.asdict(run.model),
                         "eval_seconds": round(time.perf_counter() - start, 1), **grid}
-        print(f"{kind} (step {step}) passkey accuracy, rows lengths {lengths}, columns depths "
-              f"{depths}:\n{np.array2string(np.array(grid['accuracy']), precision=3)}", flush=True)
+        for name in ("accuracy", "digit_accuracy"):
+            print(f"{kind} (step {step}) passkey {name}, rows lengths {lengths}, columns depths "
+                  f"{depths}:\n{np.array2string(np.array(grid[name]), precision=3)}", flush=True)
         if nsa_cfg is not None:
             print(f"selection per layer: {grid['selection']['per_layer']}", flush=True)
     path = out / "retrieval.json"

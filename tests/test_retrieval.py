@@ -93,7 +93,8 @@ def grid_result():
 
 def test_grid_shapes(grid_result):
     for kind in ("nsa", "full"):
-        assert np.array(grid_result[kind]["accuracy"]).shape == (2, 3)
+        for metric in ("accuracy", "digit_accuracy"):
+            assert np.array(grid_result[kind][metric]).shape == (2, 3)
     assert "selection" not in grid_result["full"]
     selection = grid_result["nsa"]["selection"]
     assert selection["queries"] == 3 * 5 * 2  # examples x key digits x KV heads
@@ -116,6 +117,7 @@ def test_report_writes_png_and_tables(grid_result, tmp_path):
     text = (tmp_path / "report.md").read_text()
     nsa = grid_result["nsa"]
     assert f"{nsa['accuracy'][1][2]:.3f}" in text and "Layer 1 hit rate" in text
+    assert "Key digits right" in text
     assert f"{nsa['selection']['per_layer']['forced_cells']} of 6 grid cells" in text
 
 

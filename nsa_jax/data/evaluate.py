@@ -1,4 +1,4 @@
-"""Exact-match accuracy of synthetic-task answers under a model.
+"""Exact-match (and per-token) accuracy of synthetic-task answers under a model.
 
 One teacher-forced forward pass suffices: greedy decoding reproduces an answer exactly iff the
 argmax at every answer position (given the true prefix) is the answer token.
@@ -13,12 +13,19 @@ from nsa_jax.data.packing import examples_to_batch
 from nsa_jax.data.tasks import SyntheticExample
 
 
-def answer_hits(logits: np.ndarray, examples: Sequence[SyntheticExample]) -> np.ndarray:
-    """[num answers] bool: answer spans of `examples` (row b of `logits` [B, T, V]) predicted exactly."""
+def answer_token_hits(logits: np.ndarray, examples: Sequence[SyntheticExample]
+                      ) -> list[np.ndarray]:
+    """Per answer span of `examples` (row b of `logits` [B, T, V]): [span length] bool, whether
+    the argmax at each of its positions is the answer token."""
     predicted = np.asarray(logits).argmax(-1)
-    hits = [np.array_equal(predicted[b, start - 1:end - 1], example.tokens[start:end])
+    return [predicted[b, start - 1:end - 1] == example.tokens[start:end]
             for b, example in enumerate(examples) for start, end in example.answer_spans]
-    return np.array(hits, dtype=bool)
+
+
+def answer_hits(logits: np.ndarray, examples: Sequence[SyntheticExample]) -> np.ndarray:
+    """[num answers] bool: the answer spans of `examples` (row b of `logits` [B, T, V]) that
+    are predicted exactly."""
+    return np.array([hits.all() for hits in answer_token_hits(logits, examples)], dtype=bool)
 
 
 def padded_batches(examples: Sequence[SyntheticExample], batch_size: int
