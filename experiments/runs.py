@@ -10,6 +10,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STOPPED = 128 + signal.SIGTERM  # the trainer's exit code after a SIGTERM-triggered save
@@ -34,8 +35,10 @@ def train_in_chunks(runs: dict[str, tuple[pathlib.Path, pathlib.Path, list[str]]
     """runs: label -> (config file, workdir, overrides); one chunk each, in order. Exits with a
     message if a trainer fails; says which runs are finished and which must be resumed."""
     for label, (config, workdir, overrides) in runs.items():
+        start = time.monotonic()
         code = train_chunk(config, workdir, overrides, minutes)
         if code not in (0, STOPPED):
             sys.exit(f"{label} ({config.name}) failed with exit code {code}")
         status = "finished" if code == 0 else "stopped at the chunk limit; run again to resume"
-        print(f"{label}: {status}", flush=True)
+        print(f"{label}: {status} ({(time.monotonic() - start) / 60:.1f} min this chunk)",
+              flush=True)
