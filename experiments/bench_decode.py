@@ -8,8 +8,9 @@ First checks the Pallas decode kernels against the xla decode path on the GPU (e
 mismatch, before any timing). Then, per context length and batch size, times (median of --iters
 calls after --warmup) on random bf16 caches of the paper's shape (Hq=64, Hkv=4, D=128; l=32,
 d=16, l'=64, n=16, w=512):
-  attention op  one decode step of one layer's attention: NSA pallas, NSA xla, full attention
-                through XLA, cuDNN and jax's Pallas GQA decode kernel (whichever run here);
+  attention op  one decode step of one layer's attention: NSA pallas, the same with the top-n
+                in XLA instead of its kernel, NSA xla, full attention through XLA, cuDNN
+                and jax's Pallas GQA decode kernel (whichever run here);
   model step    nsa_jax.decode.step of a 1-layer synthetic DecoderLM (d_model --d-model) whose
                 cache is filled with random K/V, NSA vs full.
 Ratios are full / NSA with the fastest full-attention variant that ran. Every line also goes to
@@ -68,6 +69,16 @@ def nsa_fn(cfg, implementation):
         implementation=implementation, return_aux=True))
 
 
+def nsa_xla_topn_fn(cfg):
+    """The Pallas decode path with its top-n done by XLA between the kernels, as before the
+    top-n kernel: shows what that kernel saves."""
+    from nsa_jax.ops import decode_pallas
+
+    return jax.jit(lambda a: decode_pallas.nsa_decode(
+        a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"], a["position"], a["k"],
+        a["v"], cfg, D ** -0.5, topn_kernel=False))
+
+
 def full_fns():
     """Full-attention decode variants: name -> jitted f(args) -> [B, Hq, D]."""
     fns = {"full-xla": jax.jit(lambda a: ops.dense_decode_attention(
@@ -120,7 +131,8 @@ def bench_ops(cfg, contexts, batches, warmup, iters, with_xla, log):
     for batch in batches:
         for context in contexts:
             args = random_cache(jax.random.key(context + batch), cfg, batch, context, jnp.bfloat16)
-            times = {"nsa-pallas": median_ms(nsa_fn(cfg, "pallas"), args, warmup, iters)}
+            times = {"nsa-pallas": median_ms(nsa_fn(cfg, "pallas"), args, warmup, iters),
+                     "nsa-pallas-xla-topn": median_ms(nsa_xla_topn_fn(cfg), args, warmup, iters)}
             if with_xla:
                 times["nsa-xla"] = median_ms(nsa_fn(cfg, "xla"), args, warmup, iters)
             for name, fn in full.items():
