@@ -20,12 +20,14 @@ import argparse
 import json
 import os
 import pathlib
-import signal
 import statistics
-import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.runs import train_chunk, train_in_chunks  # noqa: E402
+
 RUNS_8K = {"nsa": "small_nsa", "full": "small_full"}
 
 
@@ -34,25 +36,9 @@ def _records(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _train(config: str, workdir: pathlib.Path, overrides: list[str], minutes: float) -> int:
-    cmd = [sys.executable, "-m", "nsa_jax.train", "--config", str(ROOT / "configs" / config),
-           "--workdir", str(workdir), *overrides]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    try:
-        return proc.wait(timeout=minutes * 60)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits
-        return proc.wait()
-
-
 def train(out: pathlib.Path, overrides: list[str], minutes: float) -> None:
-    for kind, config in RUNS_8K.items():
-        code = _train(f"{config}.py", out / kind, overrides, minutes)
-        if code not in (0, 128 + signal.SIGTERM):
-            sys.exit(f"{config} failed with exit code {code}")
-        status = "finished" if code == 0 else "stopped at the chunk limit; run again to resume"
-        print(f"{kind}: {status}", flush=True)
+    train_in_chunks({kind: (ROOT / "configs" / f"{config}.py", out / kind, overrides)
+                     for kind, config in RUNS_8K.items()}, minutes)
 
 
 def speed32k(out: pathlib.Path, overrides: list[str], steps: int) -> None:
@@ -61,7 +47,7 @@ def speed32k(out: pathlib.Path, overrides: list[str], steps: int) -> None:
                 f"--config.eval_every={steps}", "--config.eval_batches=1",
                 f"--config.checkpoint_every={steps}", f"--config.optimizer.warmup_steps={steps // 2}",
                 f"--config.model.attention={kind}", *overrides]
-        if _train("long_32k.py", out / f"32k_{kind}", args, minutes=9) != 0:
+        if train_chunk(ROOT / "configs" / "long_32k.py", out / f"32k_{kind}", args, minutes=9) != 0:
             sys.exit(f"32k {kind} run failed")
 
 

@@ -3,8 +3,9 @@ import re
 import numpy as np
 import pytest
 
-from nsa_jax.data import (BOS_ID, answer_accuracy, decode, examples_to_batch, mqar_example,
-                          mqar_min_length, passkey_example, passkey_min_length)
+from nsa_jax.data import (BOS_ID, answer_accuracy, answer_hits, answer_token_hits, decode,
+                          examples_to_batch, mqar_example, mqar_min_length, passkey_example,
+                          passkey_min_length)
 from nsa_jax.data.tokenizer import VOCAB_SIZE
 
 
@@ -98,6 +99,18 @@ def test_answer_accuracy_exact_match():
     total_answers = 5 + 2 * 4
     assert answer_accuracy(wrong_last_digit_of_first_example, examples, 3) == (total_answers - 1) / total_answers
     assert answer_accuracy(lambda b: np.zeros(b["tokens"].shape + (VOCAB_SIZE,)), examples) == 0.0
+
+
+def test_answer_token_hits_mark_each_answer_token():
+    rng = np.random.default_rng()
+    examples = [passkey_example(120, rng.random(), rng), mqar_example(200, 3, rng)]
+    logits = _oracle_logits(examples_to_batch(examples))
+    start, end = examples[1].answer_spans[1]
+    logits[1, start] = np.roll(logits[1, start], 1)  # the second digit of MQAR answer 1 is wrong
+    tokens = answer_token_hits(logits, examples)
+    assert [t.tolist() for t in tokens] == [[True] * 5, [True] * 3, [True, False, True],
+                                            [True] * 3]
+    assert answer_hits(logits, examples).tolist() == [True, True, False, True]
 
 
 def test_examples_batch_trains_only_the_answers():

@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from model_testing import jitted_forward, tiny_config
+from nsa_jax import ops
 from nsa_jax.config import NSAConfig
+from nsa_jax.layers import document_positions
 from nsa_jax.models import DecoderLM, num_params
 
 KINDS = ("nsa", "full", "window")
@@ -122,3 +124,47 @@ def test_bad_model_input_raises(bad):
     args = {"tokens": jnp.zeros((2, 8), jnp.int32), "segment_ids": None, **bad}
     with pytest.raises(ValueError):
         model(args["tokens"], segment_ids=args["segment_ids"])
+
+
+def _layer0_indices(model, tokens, segment_ids):
+    """ops.nsa_attention's indices on the inputs the first NSA layer sees, computed outside
+    DecoderLM."""
+    batch, length = tokens.shape
+    block = model.blocks[0]
+    p = block.attn.project(block.attn_norm(model.embed(tokens)),
+                           document_positions(segment_ids, batch, length))
+    k_cmp, v_cmp = block.attn.compress(p.k_cmp_raw, p.v_cmp_raw, segment_ids=segment_ids)
+    _, aux = ops.nsa_attention(p.q, p.k, p.v, p.gates, model.cfg.nsa, k_cmp=k_cmp, v_cmp=v_cmp,
+                               k_win=p.k_win, v_win=p.v_win, segment_ids=segment_ids,
+                               implementation=model.cfg.implementation, return_aux=True)
+    return aux["indices"]
+
+
+def test_aux_indices_are_each_layers_selection():
+    cfg = tiny_config(2, attention="nsa", compressor="mlp", num_layers=3)
+    model = DecoderLM(cfg, rngs=nnx.Rngs(8))
+    tokens = _tokens(9, 2, 24)
+    segment_ids = jnp.array([[1] * 24, [1] * 9 + [2] * 15])
+    _, aux = nnx.jit(lambda m, t, s: m(t, segment_ids=s, return_aux=True))(model, tokens,
+                                                                           segment_ids)
+    indices = np.asarray(aux["indices"])
+    nsa = cfg.nsa
+    assert indices.shape == (3, 2, 24, cfg.num_kv_heads, nsa.num_selected)
+    assert indices.dtype == np.int32
+    np.testing.assert_array_equal(indices[0], _layer0_indices(model, tokens, segment_ids))
+    assert not np.array_equal(indices[0], indices[1])  # each layer its own, not a copy
+    relative = np.asarray(document_positions(segment_ids, 2, 24))
+    own_block = (relative // nsa.select_block)[None, :, :, None, None]
+    valid = indices >= 0
+    assert np.all(indices >= -1)
+    assert np.all(indices[valid] <= np.broadcast_to(own_block, indices.shape)[valid])  # causal
+    assert np.all(np.diff(valid.astype(int), axis=-1) <= 0)  # -1 only at the end
+    assert np.all((np.diff(indices, axis=-1) > 0) | ~valid[..., 1:])  # sorted and distinct
+    for forced in (0, own_block):  # the init block and the query's own block are always chosen
+        assert np.all((indices == forced).any(-1))
+
+
+def test_dense_models_return_no_aux():
+    for kind in ("full", "window"):
+        model = DecoderLM(tiny_config(attention=kind), rngs=nnx.Rngs(0))
+        assert model(_tokens(10, 1, 12), return_aux=True)[1] == {}

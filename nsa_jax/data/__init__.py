@@ -14,6 +14,8 @@ Synthetic long-context tasks (training mix and evaluation):
     mqar_example(length, num_pairs, rng, *, haystack=None) -> SyntheticExample
     examples_to_batch(examples, seq_len=None) -> dict           # loss only on answer tokens
     answer_accuracy(logits_fn, examples, batch_size=8) -> float # exact match; logits_fn(batch) -> [B, T, V]
+    answer_hits(logits, examples) -> bool per answer; answer_token_hits: bool per answer token
+    padded_batches(examples, batch_size) -> (examples, batch) pairs of one [B, T] shape
     passkey_min_length(num_digits), mqar_min_length(num_pairs)
 
 Text and corpora:
@@ -24,7 +26,8 @@ Text and corpora:
 """
 from nsa_jax.data.config import DataConfig
 from nsa_jax.data.corpora import CORPORA, Document, load_documents
-from nsa_jax.data.evaluate import answer_accuracy, answer_hits
+from nsa_jax.data.evaluate import (answer_accuracy, answer_hits, answer_token_hits,
+                                   padded_batches)
 from nsa_jax.data.packing import examples_to_batch
 from nsa_jax.data.sampler import make_train_batch, validation_batches
 from nsa_jax.data.splits import split_documents
@@ -36,8 +39,8 @@ from nsa_jax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, 
 
 __all__ = [
     "BOS_ID", "CORPORA", "DataConfig", "Document", "EOS_ID", "PAD_ID", "SyntheticExample",
-    "TokenStream", "VOCAB_SIZE", "answer_accuracy", "answer_hits", "corpus_streams", "decode",
-    "encode", "encode_document", "examples_to_batch", "load_documents", "make_train_batch",
-    "mqar_example", "mqar_min_length", "passkey_example", "passkey_min_length", "split_documents",
-    "validation_batches",
+    "TokenStream", "VOCAB_SIZE", "answer_accuracy", "answer_hits", "answer_token_hits",
+    "corpus_streams", "decode", "encode", "encode_document", "examples_to_batch", "load_documents",
+    "make_train_batch", "mqar_example", "mqar_min_length", "padded_batches", "passkey_example",
+    "passkey_min_length", "split_documents", "validation_batches",
 ]

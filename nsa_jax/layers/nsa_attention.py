@@ -41,8 +41,10 @@ class NSAAttention(nnx.Module):
     """Native Sparse Attention layer with GQA (Hq = G * Hkv, any G >= 1).
 
     Call: `(x [B, T, d_model], *, positions=None, segment_ids=None)
-    -> (y [B, T, d_model], {"gate_mean": [3] float32})`, gate means over batch, tokens and heads in
-    branch order (cmp, slc, win). positions default to document-relative token indices.
+    -> (y [B, T, d_model], {"gate_mean": [3] float32, "indices": [B, T, Hkv, n] int32})`: gate
+    means over batch, tokens and heads in branch order (cmp, slc, win), and the selection blocks
+    each query chose (ops.nsa_attention's aux; -1 for unused slots). positions default to
+    document-relative token indices.
 
     RoPE convention (decoding must reproduce it): queries and the selection/window keys are rotated
     at their document-relative position t. Compressed keys are built from keys *before* RoPE: phi
@@ -106,9 +108,12 @@ class NSAAttention(nnx.Module):
     def attend(self, p: BranchInputs, k_cmp, v_cmp, *, segment_ids=None):
         """The parallel (training) attention of all T tokens of `p`, through the output layer."""
         batch, length = p.q.shape[:2]
-        o = ops.nsa_attention(
+        # the indices are computed for the selection branch anyway; callers that drop them
+        # leave dead code that jit removes
+        o, aux = ops.nsa_attention(
             p.q, p.k, p.v, p.gates.astype(p.q.dtype), self.cfg.nsa, k_cmp=k_cmp, v_cmp=v_cmp,
             k_win=p.k_win, v_win=p.v_win, segment_ids=segment_ids,
-            implementation=self.cfg.implementation)
+            implementation=self.cfg.implementation, return_aux=True)
         y = self.out(o.reshape(batch, length, -1))
-        return y, {"gate_mean": jnp.mean(p.gates.astype(jnp.float32), axis=(0, 1, 2))}
+        return y, {"gate_mean": jnp.mean(p.gates.astype(jnp.float32), axis=(0, 1, 2)),
+                   "indices": aux["indices"]}

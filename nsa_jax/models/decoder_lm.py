@@ -19,7 +19,9 @@ class DecoderLM(nnx.Module):
     documents: nothing crosses a boundary and positions restart at every document, so a packed
     document gets the logits it gets alone. With `return_aux=True` the call returns
     `(logits, aux)`: for NSA aux["gate_mean"] is [num_layers, 3] float32 (mean gate per layer and
-    branch cmp, slc, win); for the dense kinds aux is {}.
+    branch cmp, slc, win) and aux["indices"] is [num_layers, B, T, Hkv, n] int32 (the selection
+    blocks each query chose in each layer, counted from its document's start; -1 = unused slot);
+    for the dense kinds aux is {}. Under jit, aux entries the caller drops cost nothing.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -42,14 +44,14 @@ class DecoderLM(nnx.Module):
         check_segment_ids(segment_ids, batch, length)
         positions = document_positions(segment_ids, batch, length)
         run_block = nnx.remat(_run_block) if self.cfg.remat else _run_block
-        x, gate_means = self.embed(tokens), []
+        x, layers = self.embed(tokens), []
         for block in self.blocks:
             x, aux = run_block(block, x, positions, segment_ids)
-            gate_means += [aux["gate_mean"]] if "gate_mean" in aux else []
+            layers.append(aux)
         logits = self.logits(x)
         if not return_aux:
             return logits
-        return logits, ({"gate_mean": jnp.stack(gate_means)} if gate_means else {})
+        return logits, {name: jnp.stack([aux[name] for aux in layers]) for name in layers[0]}
 
     def logits(self, x):
         """Final hidden states [..., d_model] -> float32 logits through the tied embedding."""
