@@ -8,12 +8,16 @@ First checks the Pallas decode kernels against the xla decode path on the GPU (e
 mismatch, before any timing). Then, per context length and batch size, times (median of --iters
 calls after --warmup) on random bf16 caches of the paper's shape (Hq=64, Hkv=4, D=128; l=32,
 d=16, l'=64, n=16, w=512):
-  attention op  one decode step of one layer's attention: NSA pallas, NSA xla, full attention
-                through XLA, cuDNN and jax's Pallas GQA decode kernel (whichever run here);
+  attention op  one decode step of one layer's attention: NSA pallas, the same with the top-n
+                in XLA instead of its kernel, NSA xla, full attention through XLA, cuDNN
+                and jax's Pallas GQA decode kernel (whichever run here);
   model step    nsa_jax.decode.step of a 1-layer synthetic DecoderLM (d_model --d-model) whose
                 cache is filled with random K/V, NSA vs full.
-Ratios are full / NSA with the fastest full-attention variant that ran. Every line also goes to
---out.
+Each is timed twice: "op"/"model" lines dispatch every step from Python and wait for it (what a
+host-driven generation loop sees, launch and dispatch overhead included); "oploop"/"modelloop"
+lines run --loop-iters steps inside one jitted fori_loop (greedy generation on the device) and
+divide, which leaves the GPU's own time per step. Ratios are full / NSA with the fastest
+full-attention variant that ran. Every line also goes to --out.
 """
 from __future__ import annotations
 
@@ -68,6 +72,16 @@ def nsa_fn(cfg, implementation):
         implementation=implementation, return_aux=True))
 
 
+def nsa_xla_topn_fn(cfg):
+    """The Pallas decode path with its top-n done by XLA between the kernels, as before the
+    top-n kernel: shows what that kernel saves."""
+    from nsa_jax.ops import decode_pallas
+
+    return jax.jit(lambda a: decode_pallas.nsa_decode(
+        a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"], a["position"], a["k"],
+        a["v"], cfg, D ** -0.5, topn_kernel=False))
+
+
 def full_fns():
     """Full-attention decode variants: name -> jitted f(args) -> [B, Hq, D]."""
     fns = {"full-xla": jax.jit(lambda a: ops.dense_decode_attention(
@@ -95,6 +109,27 @@ def median_ms(fn, args, warmup: int, iters: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def device_loop_ms(fn, args, iters: int, repeats: int = 3) -> float:
+    """Per-call time of `fn` chained `iters` times inside one jitted fori_loop: the GPU's time per
+    step without a host dispatch per step. Each call's position depends on the loop index, so
+    XLA cannot hoist a call out of the loop."""
+    def loop(a):
+        def body(i, total):
+            out = fn(dict(a, position=a["position"] - i % 2))
+            out = out[0] if isinstance(out, tuple) else out
+            return total + jnp.sum(out.astype(jnp.float32))
+        return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    looped = jax.jit(loop)
+    jax.block_until_ready(looped(args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(looped(args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times) / iters
+
+
 def check_kernels(cfg, context: int, log) -> bool:
     """Pallas vs xla decode path on the GPU, f32 (HIGHEST-precision dots) and bf16, for queries
     before the first compressed token, mid-cache and at the last slot."""
@@ -115,12 +150,20 @@ def check_kernels(cfg, context: int, log) -> bool:
     return ok
 
 
-def bench_ops(cfg, contexts, batches, warmup, iters, with_xla, log):
+def log_ratio(log, what, batch, context, times):
+    best_full = min((v, k) for k, v in times.items() if k.startswith("full"))
+    cols = "  ".join(f"{k} {v:8.3f} ms" for k, v in times.items())
+    log(f"{what} B={batch:<2d} T={context:<6d} {cols}  full/nsa "
+        f"{best_full[0] / times['nsa-pallas']:5.2f}x (vs {best_full[1]})")
+
+
+def bench_ops(cfg, contexts, batches, warmup, iters, loop_iters, with_xla, log):
     full = full_fns()
     for batch in batches:
         for context in contexts:
             args = random_cache(jax.random.key(context + batch), cfg, batch, context, jnp.bfloat16)
-            times = {"nsa-pallas": median_ms(nsa_fn(cfg, "pallas"), args, warmup, iters)}
+            times = {"nsa-pallas": median_ms(nsa_fn(cfg, "pallas"), args, warmup, iters),
+                     "nsa-pallas-xla-topn": median_ms(nsa_xla_topn_fn(cfg), args, warmup, iters)}
             if with_xla:
                 times["nsa-xla"] = median_ms(nsa_fn(cfg, "xla"), args, warmup, iters)
             for name, fn in full.items():
@@ -130,10 +173,10 @@ def bench_ops(cfg, contexts, batches, warmup, iters, with_xla, log):
                     log(f"  {name} unavailable at B={batch} T={context}: "
                         f"{type(error).__name__}: {str(error).splitlines()[0][:160]}")
                     full = {k: f for k, f in full.items() if k != name}
-            best_full = min((v, k) for k, v in times.items() if k.startswith("full"))
-            cols = "  ".join(f"{k} {v:8.3f} ms" for k, v in times.items())
-            log(f"op    B={batch:<2d} T={context:<6d} {cols}  full/nsa "
-                f"{best_full[0] / times['nsa-pallas']:5.2f}x (vs {best_full[1]})")
+            log_ratio(log, "op   ", batch, context, times)
+            loops = {"nsa-pallas": device_loop_ms(nsa_fn(cfg, "pallas"), args, loop_iters)}
+            loops.update({name: device_loop_ms(fn, args, loop_iters) for name, fn in full.items()})
+            log_ratio(log, "oploop", batch, context, loops)
             del args
 
 
@@ -147,14 +190,28 @@ def synthetic_state(cfg: ModelConfig, batch: int, context: int, key):
     return state._replace(layers=layers, lengths=jnp.full((batch,), context - 1, jnp.int32))
 
 
-def bench_model(contexts, batches, d_model, warmup, iters, log):
+def generation_loop(graphdef, steps: int):
+    """`steps` greedy decode steps inside one jitted fori_loop (no host dispatch per token)."""
+    from flax import nnx
+
+    def loop(params, state, tokens):
+        model = nnx.merge(graphdef, params)
+
+        def body(_, carry):
+            logits, state = step(model, *carry)
+            return state, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, steps, body, (state, tokens))
+    return jax.jit(loop)
+
+
+def bench_model(contexts, batches, d_model, warmup, iters, loop_iters, log):
     from flax import nnx
 
     from nsa_jax.models import DecoderLM
 
     for batch in batches:
         for context in contexts:
-            times = {}
+            times, loops = {}, {}
             for kind in ("nsa", "full"):
                 cfg = ModelConfig(vocab_size=512, d_model=d_model, num_layers=1, num_heads=HQ,
                                   num_kv_heads=HKV, head_dim=D, mlp_hidden=4 * d_model,
@@ -163,8 +220,8 @@ def bench_model(contexts, batches, d_model, warmup, iters, log):
                 graphdef, params = nnx.split(DecoderLM(cfg, rngs=nnx.Rngs(0)))
                 run = jax.jit(lambda p, s, t: step(nnx.merge(graphdef, p), s, t),
                               donate_argnums=1)
-                # room for every timed step: the cache holds context + warmup + iters slots
-                state = synthetic_state(cfg, batch, context + warmup + iters + 1,
+                # room for every timed step: host-dispatched ones, then the device loop
+                state = synthetic_state(cfg, batch, context + warmup + iters + loop_iters + 1,
                                         jax.random.key(1))
                 state = state._replace(lengths=jnp.full((batch,), context - 1, jnp.int32))
                 tokens = jnp.zeros((batch,), jnp.int32)
@@ -176,10 +233,16 @@ def bench_model(contexts, batches, d_model, warmup, iters, log):
                     if i >= warmup:
                         samples.append(time.perf_counter() - start)
                 times[kind] = 1e3 * statistics.median(samples)
+                loop = generation_loop(graphdef, loop_iters)
+                jax.block_until_ready(loop(params, state, tokens))  # compile; state is kept
+                start = time.perf_counter()
+                jax.block_until_ready(loop(params, state, tokens))
+                loops[kind] = 1e3 * (time.perf_counter() - start) / loop_iters
                 del state
-            log(f"model B={batch:<2d} T={context:<6d} nsa {times['nsa']:8.3f} ms  full "
-                f"{times['full']:8.3f} ms  full/nsa {times['full'] / times['nsa']:5.2f}x "
-                f"(1 layer, d_model {d_model})")
+            for what, t in (("model    ", times), ("modelloop", loops)):
+                log(f"{what} B={batch:<2d} T={context:<6d} nsa {t['nsa']:8.3f} ms  full "
+                    f"{t['full']:8.3f} ms  full/nsa {t['full'] / t['nsa']:5.2f}x "
+                    f"(1 layer, d_model {d_model})")
 
 
 def main(argv=None) -> int:
@@ -190,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default=None, help="default 1,8")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=None, help="default 50")
+    parser.add_argument("--loop-iters", type=int, default=100,
+                        help="steps per device-side loop (the *loop lines)")
     parser.add_argument("--check-context", type=int, default=4096,
                         help="cache length of the kernel check")
     parser.add_argument("--d-model", type=int, default=2048)
@@ -208,7 +273,7 @@ def main(argv=None) -> int:
         batches = [int(x) for x in (args.batches or ("1" if quick else "1,8")).split(",")]
     except ValueError:
         parser.error("--contexts and --batches take comma-separated integers")
-    if min(contexts + batches) < 1 or args.iters < 1 or args.warmup < 0 \
+    if min(contexts + batches + [args.iters, args.loop_iters]) < 1 or args.warmup < 0 \
             or args.check_context < 64:
         parser.error("contexts, batches, --iters must be >= 1, --warmup >= 0, "
                      "--check-context >= 64")
@@ -224,9 +289,11 @@ def main(argv=None) -> int:
     if not check_kernels(cfg, args.check_context, log):
         log("kernel check FAILED: no timings")
         return 1
-    bench_ops(cfg, contexts, batches, args.warmup, args.iters, not args.no_xla, log)
+    bench_ops(cfg, contexts, batches, args.warmup, args.iters, args.loop_iters, not args.no_xla,
+              log)
     if not args.no_model:
-        bench_model(contexts, batches, args.d_model, args.warmup, args.iters, log)
+        bench_model(contexts, batches, args.d_model, args.warmup, args.iters, args.loop_iters,
+                    log)
     return 0
 
 

@@ -9,6 +9,7 @@ from jax import export
 from conftest import rel_err
 from nsa_jax import NSAConfig, ops
 from nsa_jax.ops import decode_pallas, pallas_gpu
+from nsa_jax.ops.decode import num_visible_compressed, select_decode_blocks
 
 # l != d, l' != l, window not a multiple of l' (its tiles straddle it), n > forced blocks
 CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
@@ -36,13 +37,13 @@ def _decode(args, position, implementation):
     return fn(args, position)
 
 
-@pytest.mark.parametrize("hq,hkv,ring,dtype", [
-    (4, 2, None, jnp.float32),  # window reads the full cache
-    (8, 1, 32, jnp.float32),  # the window's own ring of 32 slots, MQA
-    (4, 2, 32, jnp.bfloat16),
+@pytest.mark.parametrize("hq,hkv,ring,dtype,slots", [
+    (4, 2, None, jnp.float32, 128),  # window reads the full cache; 8 blocks, 32 compressed slots
+    (8, 1, 32, jnp.float32, 128),  # the window's own ring of 32 slots, MQA
+    (4, 2, 32, jnp.bfloat16, 128),
+    (4, 2, None, jnp.float32, 1024),  # 64 blocks: the top-n walks two tiles of 32 blocks
 ])
-def test_interpret_kernel_matches_xla_decode(key, hq, hkv, ring, dtype):
-    slots = 128  # 8 selection blocks, 32 compressed slots
+def test_interpret_kernel_matches_xla_decode(key, hq, hkv, ring, dtype, slots):
     args = _cache(key, CFG, 3, slots, hq, hkv, 16, ring, dtype)
     # no compressed token yet, a partial selection block, the last slot
     position = jnp.array([5, 70, slots - 1], jnp.int32)
@@ -53,6 +54,31 @@ def test_interpret_kernel_matches_xla_decode(key, hq, hkv, ring, dtype):
     assert rel_err(out.astype(jnp.float32), want.astype(jnp.float32)) < tolerance
     assert rel_err(aux["lse_cmp"], want_aux["lse_cmp"]) < tolerance
     assert (np.asarray(want_aux["indices"])[2] >= 0).all()  # 8 blocks, n = 4: a real choice
+
+
+@pytest.mark.parametrize("cfg", [CFG, NSAConfig(compress_block=16, compress_stride=4,
+                                                select_block=8, num_selected=5)])
+def test_top_n_kernel_matches_xla_selection(key, cfg):
+    """The top-n kernel alone on random logits, at positions around compressed-token, block and
+    tile boundaries; padded heads hold peaked logits that must be ignored."""
+    from pallas_kernels.gpu.nsa_decode_select import select_top_n, tile_slots
+
+    b, hkv, g, gp, slots = 8, 2, 3, 16, 1024
+    c = slots // cfg.compress_stride
+    assert c // tile_slots(c, cfg) >= 2  # several tiles, so the spill between them is used
+    k1, k2 = jax.random.split(key)
+    logits = 3 * jax.random.normal(k1, (b, hkv, gp, c))
+    logits = logits.at[:, :, g:].multiply(10.0)  # peaked: would change the choice if counted
+    position = jnp.concatenate([jnp.array([0, cfg.compress_block - 1, 127, 128, 511, slots - 1]),
+                                jax.random.randint(k2, (b - 6,), 0, slots)]).astype(jnp.int32)
+    visible = jnp.arange(c) < num_visible_compressed(position, cfg)[:, None, None, None]
+    lse = jax.nn.logsumexp(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    got = select_top_n(logits, lse, position, cfg, groups=g, interpret=True)
+    want = select_decode_blocks(logits[:, :, :g], lse[:, :, :g], position, cfg,
+                                slots // cfg.select_block)
+    np.testing.assert_array_equal(np.sort(np.where(got < 0, 1 << 30, got), -1),
+                                  np.where(want < 0, 1 << 30, want))
+    assert (np.asarray(want)[5] >= 0).all()  # the last slot: a real choice of n blocks
 
 
 def test_unsupported_shapes_fall_back_to_xla(key):
@@ -85,7 +111,7 @@ def test_kernels_lower_for_cuda_at_paper_shape(monkeypatch, batch):
     exported = _export_for_cuda(
         lambda *a: ops.nsa_decode_attention(*a, cfg, implementation="pallas"), *shapes)
     text = exported.mlir_module()
-    assert text.count("__gpu$xla.gpu.triton") >= 2  # both kernels, not the xla fallback
+    assert text.count("__gpu$xla.gpu.triton") >= 3  # all three kernels, not the xla fallback
     assert exported.out_avals[0].shape == (batch, hq, d)
 
 

@@ -1,6 +1,7 @@
 """The GPU "pallas" implementation of ops.nsa_decode_attention (registered by ops/pallas_gpu.py):
-the two decode kernels of pallas_kernels.gpu.nsa_decode around the XLA top-n. Shapes the Triton lowering cannot take fall
-back to the xla implementation (`kernel_supports` says which)."""
+three launches (compressed partials, top-n, selected blocks + window partials), XLA only merging
+partials and combining branches. Shapes the Triton lowering cannot take fall back to the xla
+implementation (`kernel_supports` says which)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.ops import pallas_gpu
 from nsa_jax.ops.decode import (_nsa_decode_xla, combine_branches, group_queries,
                                 select_decode_blocks)
+from nsa_jax.ops.selection import finalize_indices
 
 MIN_ROWS = 16  # Triton dots want >= 16 rows: small groups are padded with zero queries
 
@@ -23,14 +25,19 @@ def compressed_block(slots: int) -> int:
 
 
 def kernel_supports(q, k, v, k_cmp, k_win, cfg: NSAConfig) -> bool:
-    dk, dv, lp = q.shape[-1], v.shape[-1], cfg.select_block
+    from pallas_kernels.gpu.nsa_decode_select import tile_slots
+
+    dk, dv, lp, c = q.shape[-1], v.shape[-1], cfg.select_block, k_cmp.shape[1]
     return (all(_power_of_two(x) and x >= 16 for x in (dk, dv, lp))
-            and compressed_block(k_cmp.shape[1]) > 0
+            and compressed_block(c) > 0 and tile_slots(c, cfg) > 0
+            and c * cfg.compress_stride >= k.shape[1]  # the top-n reads whole blocks' slots
             and k.shape[1] % lp == 0 and k_win.shape[1] % lp == 0)
 
 
-def nsa_decode(q, k, v, k_cmp, v_cmp, gates, position, k_win, v_win, cfg, scale):
-    from pallas_kernels.gpu import nsa_decode
+def nsa_decode(q, k, v, k_cmp, v_cmp, gates, position, k_win, v_win, cfg, scale, *,
+               topn_kernel=True):
+    """topn_kernel=False: the top-n in XLA between the kernels instead (benchmark comparison)."""
+    from pallas_kernels.gpu import nsa_decode, nsa_decode_select
 
     if not kernel_supports(q, k, v, k_cmp, k_win, cfg):
         return _nsa_decode_xla(q, k, v, k_cmp, v_cmp, gates, position, k_win, v_win, cfg, scale)
@@ -45,10 +52,16 @@ def nsa_decode(q, k, v, k_cmp, v_cmp, gates, position, k_win, v_win, cfg, scale)
     position = position.astype(jnp.int32)
     logits, *partials = nsa_decode.compressed_partials(
         q_g, k_cmp, v_cmp, position, cfg, block_c=compressed_block(k_cmp.shape[1]), **common)
-    o_cmp, lse = (x[:, :, :g] for x in nsa_decode.merge_partials(*partials))
-    indices = select_decode_blocks(logits[:, :, :g], lse, position, cfg,
-                                   k.shape[1] // cfg.select_block)
-    m, l, acc = nsa_decode.sparse_partials(q_g, k, v, k_win, v_win, indices, position, cfg,
+    o_cmp, lse = nsa_decode.merge_partials(*partials)
+    if topn_kernel:
+        chosen = nsa_decode_select.select_top_n(logits, lse, position, cfg, groups=g,
+                                                interpret=interpret)
+        indices = finalize_indices(chosen, jnp.where(chosen >= 0, 0.0, -jnp.inf))
+    else:
+        chosen = indices = select_decode_blocks(logits[:, :, :g], lse[:, :, :g], position, cfg,
+                                                k.shape[1] // cfg.select_block)
+    o_cmp, lse = o_cmp[:, :, :g], lse[:, :, :g]
+    m, l, acc = nsa_decode.sparse_partials(q_g, k, v, k_win, v_win, chosen, position, cfg,
                                            **common)
     n = cfg.num_selected
     o_slc = nsa_decode.merge_partials(m[:, :, :n], l[:, :, :n], acc[:, :, :n])[0][:, :, :g]

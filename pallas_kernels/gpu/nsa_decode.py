@@ -1,7 +1,8 @@
 """NSA decoding kernels (Pallas, Triton lowering): one new query per sequence, all G query heads
 of a KV head in one program, the context split over programs for occupancy.
 
-Two launches, because top-n needs the compressed softmax normalised over the whole context:
+Two launches around the top-n, because it needs the compressed softmax normalised over the
+whole context:
 
 1. `compressed_partials`, grid (B, Hkv, C / block_c): one tile of compressed tokens per program;
    writes its masked logits (block scoring needs them) and softmax partials (max, sum,
@@ -10,7 +11,8 @@ Two launches, because top-n needs the compressed softmax normalised over the who
    of the full cache, program n + i to the i-th of the W aligned select_block-sized tiles that
    cover the window [t - w + 1, t] in the window ring. Each writes softmax partials.
 
-`merge_partials` folds partials into (output, log-sum-exp); top-n between the launches is XLA.
+`merge_partials` folds partials into (output, log-sum-exp); the top-n between the launches is
+nsa_decode_select.py (or XLA).
 Layouts: q [B, Hkv, Gp, Dk] with Gp a power of two >= 16 (pad with zero rows), caches
 [B, slots, Hkv, D] as in nsa_jax.decode.cache, position [B] int32 (the query's position t).
 Triton needs power-of-two tiles: Dk, Dv, block_c and select_block.

@@ -50,7 +50,7 @@ class SelectTiling:
         return self.qb * self.gp
 
 
-def _overlap(slot, block, tiling: SelectTiling):
+def overlap(slot, block, tiling: SelectTiling):
     """Chunks shared by local slot `slot` (chunks [slot, slot + l/d)) and local block `block`
     (chunks [block * r, (block + 1) * r)); slots past the tile's own blocks count nothing."""
     r = tiling.ratio
@@ -58,7 +58,7 @@ def _overlap(slot, block, tiling: SelectTiling):
     return jnp.where(slot < tiling.blocks * r, jnp.maximum(shared, 0), 0).astype(jnp.float32)
 
 
-def _split_dot(p, weights):
+def split_dot(p, weights):
     """p [rows, slots] float32 @ small-integer weights in three bfloat16 pieces: float32 accuracy
     on bf16 tensor cores (the weights are exact in bf16)."""
     hi = p.astype(jnp.bfloat16)
@@ -69,9 +69,32 @@ def _split_dot(p, weights):
     return dot(lo) + dot(mid) + dot(hi)
 
 
-def _head_sum(x, tiling: SelectTiling):
+def head_sum(x, tiling: SelectTiling):
     """[rows, ...] -> [qb, ...]: sum over the gp heads of each query."""
     return x.reshape(tiling.qb, tiling.gp, *x.shape[1:]).sum(axis=1)
+
+
+def overlap_weights(tiling: SelectTiling):
+    """(weights [slots, blocks] bfloat16 of a tile's slots on its own blocks, [spill] weights
+    [1, slots] on the next tile's first blocks)."""
+    kb, nb = tiling.slots, tiling.blocks
+    slot_iota = jax.lax.broadcasted_iota(jnp.int32, (kb, nb), 0)
+    own = overlap(slot_iota, jax.lax.broadcasted_iota(jnp.int32, (kb, nb), 1), tiling)
+    slot_row = jax.lax.broadcasted_iota(jnp.int32, (1, kb), 1)
+    return own.astype(jnp.bfloat16), [overlap(slot_row, nb + c, tiling)
+                                      for c in range(tiling.spill)]
+
+
+def tile_block_scores(p, weights, carried, tiling: SelectTiling):
+    """Probabilities p [rows, slots] of one tile's compressed slots -> (scores [qb, blocks] of
+    its selection blocks, group heads summed, with the `carried` spill of the previous tile
+    added; the spill onto the next tile's first blocks, one [qb] per spill block)."""
+    own, spill_w = weights
+    blocks = head_sum(split_dot(p, own), tiling)
+    col = jax.lax.broadcasted_iota(jnp.int32, (1, tiling.blocks), 1)
+    for c, spilled in enumerate(carried):
+        blocks = blocks + jnp.where(col == c, spilled[:, None], 0.0)
+    return blocks, tuple(head_sum((p * w).sum(axis=1), tiling) for w in spill_w)
 
 
 def _worst(vals, ids):
@@ -84,7 +107,7 @@ def _beats(value, ident, low, low_id):
     return (value > -jnp.inf) & ((value > low) | ((value == low) & (ident < low_id)))
 
 
-def _merge(vals, ids, cand, cand_ids):
+def merge_top_n(vals, ids, cand, cand_ids):
     """Running top-n (vals/ids [qb, width]) updated with one tile's candidates [qb, blocks]: insert
     each row's best remaining candidate while some row still has one that beats its worst."""
     low, low_id = _worst(vals, ids)
@@ -103,6 +126,31 @@ def _merge(vals, ids, cand, cand_ids):
     return vals, ids
 
 
+def no_spill(tiling: SelectTiling):
+    return tuple(jnp.zeros((tiling.qb,), jnp.float32) for _ in range(tiling.spill))
+
+
+def candidates(scores, block_id, current, tiling: SelectTiling):
+    """Block scores -> top-n candidates for queries in block `current`: the first
+    num_init_blocks and the num_local_blocks ending at `current` forced (+inf), later blocks
+    excluded (-inf)."""
+    forced = (block_id < tiling.num_init_blocks) | (block_id > current - tiling.num_local_blocks)
+    return jnp.where(block_id <= current, jnp.where(forced, jnp.inf, scores), -jnp.inf)
+
+
+def empty_top_n(tiling: SelectTiling):
+    """(vals, ids) [qb, width] holding nothing yet. Columns >= n are locked at (+inf, negative
+    id): never the worst entry, never replaced."""
+    wcol = jax.lax.broadcasted_iota(jnp.int32, (tiling.qb, tiling.width), 1)
+    real = wcol < tiling.num_selected
+    return jnp.where(real, -jnp.inf, jnp.inf), jnp.where(real, _EMPTY_ID + wcol, -2 - wcol)
+
+
+def chosen_ids(vals, ids):
+    """The running top-n -> block ids, -1 where nothing was chosen (columns >= n: junk)."""
+    return jnp.where(vals > -jnp.inf, ids, -1)
+
+
 def _select_kernel(leaders_ref, num_docs_ref, doc_ref, offset_ref, start_ref, q_ref, k_ref,
                    lse_ref, out_ref, *, tiling: SelectTiling):
     qb, rows, nb, kb = tiling.qb, tiling.rows, tiling.blocks, tiling.slots
@@ -115,21 +163,14 @@ def _select_kernel(leaders_ref, num_docs_ref, doc_ref, offset_ref, start_ref, q_
     lowest, highest = row_bounds(doc_q, first_query, qb, tiling.gp, tiling.compress_block)
     current = ((first_query + jax.lax.broadcasted_iota(jnp.int32, (qb,), 0) - doc_q)
                // tiling.select_block)
-    slot_iota = jax.lax.broadcasted_iota(jnp.int32, (kb, nb), 0)
-    weights = _overlap(slot_iota, jax.lax.broadcasted_iota(jnp.int32, (kb, nb), 1), tiling)
-    weights = weights.astype(jnp.bfloat16)
-    slot_row = jax.lax.broadcasted_iota(jnp.int32, (1, kb), 1)
-    spill_w = [_overlap(slot_row, nb + c, tiling) for c in range(tiling.spill)]
+    weights = overlap_weights(tiling)
     col = jax.lax.broadcasted_iota(jnp.int32, (1, nb), 1)
 
     def tile_scores(first_slot, carried):
         k = k_ref[pl.ds(first_slot, kb), :]
         mask = slot_visible(start_ref[pl.ds(first_slot, kb)], lowest, highest) & usable
         p = jnp.where(mask, jnp.exp(scores(q, k, tiling.scale) - lse), 0.0)
-        blocks = _head_sum(_split_dot(p, weights), tiling)
-        for c, spilled in enumerate(carried):
-            blocks = blocks + jnp.where(col == c, spilled[:, None], 0.0)
-        return blocks, tuple(_head_sum((p * w).sum(axis=1), tiling) for w in spill_w)
+        return tile_block_scores(p, weights, carried, tiling)
 
     def document(u, state):
         leader = leaders_ref[u]
@@ -142,22 +183,14 @@ def _select_kernel(leaders_ref, num_docs_ref, doc_ref, offset_ref, start_ref, q_
             blocks, carried = tile_scores(offset_ref[leader] + first_block * tiling.ratio,
                                           carried)
             block_id = first_block + col
-            cur = current[:, None]
-            forced = (block_id < tiling.num_init_blocks) | (block_id > cur
-                                                             - tiling.num_local_blocks)
-            cand = jnp.where(forced, jnp.inf, blocks)
-            cand = jnp.where(in_doc[:, None] & (block_id <= cur), cand, -jnp.inf)
-            return (*_merge(vals, ids, cand, block_id), carried)
+            cand = candidates(blocks, block_id, current[:, None], tiling)
+            cand = jnp.where(in_doc[:, None], cand, -jnp.inf)
+            return (*merge_top_n(vals, ids, cand, block_id), carried)
 
-        carried = tuple(jnp.zeros((qb,), jnp.float32) for _ in range(tiling.spill))
-        return jax.lax.fori_loop(0, last_tile + 1, tile, (*state, carried))[:2]
+        return jax.lax.fori_loop(0, last_tile + 1, tile, (*state, no_spill(tiling)))[:2]
 
-    # Columns >= n are locked at (+inf, negative id): never the worst entry, never replaced.
-    wcol = jax.lax.broadcasted_iota(jnp.int32, (qb, tiling.width), 1)
-    real = wcol < tiling.num_selected
-    init = (jnp.where(real, -jnp.inf, jnp.inf), jnp.where(real, _EMPTY_ID + wcol, -2 - wcol))
-    vals, ids = jax.lax.fori_loop(0, num_docs_ref[...], document, init)
-    out_ref[...] = jnp.where(vals > -jnp.inf, ids, -1)
+    vals, ids = jax.lax.fori_loop(0, num_docs_ref[...], document, empty_top_n(tiling))
+    out_ref[...] = chosen_ids(vals, ids)
 
 
 def select_forward(tiling: SelectTiling, leaders, num_docs, doc, offset, start, q5, k, lse):
