@@ -120,14 +120,7 @@ def device_loop_ms(fn, args, iters: int, repeats: int = 3) -> float:
             return total + jnp.sum(out.astype(jnp.float32))
         return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
 
-    looped = jax.jit(loop)
-    jax.block_until_ready(looped(args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(looped(args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times) / iters
+    return median_ms(jax.jit(loop), args, warmup=1, iters=repeats) / iters
 
 
 def check_kernels(cfg, context: int, log) -> bool:
@@ -233,11 +226,8 @@ def bench_model(contexts, batches, d_model, warmup, iters, loop_iters, log):
                     if i >= warmup:
                         samples.append(time.perf_counter() - start)
                 times[kind] = 1e3 * statistics.median(samples)
-                loop = generation_loop(graphdef, loop_iters)
-                jax.block_until_ready(loop(params, state, tokens))  # compile; state is kept
-                start = time.perf_counter()
-                jax.block_until_ready(loop(params, state, tokens))
-                loops[kind] = 1e3 * (time.perf_counter() - start) / loop_iters
+                loop = generation_loop(graphdef, loop_iters)  # state is not donated: kept
+                loops[kind] = median_ms(lambda s: loop(params, s, tokens), state, 1, 3) / loop_iters
                 del state
             for what, t in (("model    ", times), ("modelloop", loops)):
                 log(f"{what} B={batch:<2d} T={context:<6d} nsa {t['nsa']:8.3f} ms  full "

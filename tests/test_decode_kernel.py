@@ -10,6 +10,7 @@ from conftest import rel_err
 from nsa_jax import NSAConfig, ops
 from nsa_jax.ops import decode_pallas, pallas_gpu
 from nsa_jax.ops.decode import num_visible_compressed, select_decode_blocks
+from nsa_jax.ops.selection import sorted_block_ids
 
 # l != d, l' != l, window not a multiple of l' (its tiles straddle it), n > forced blocks
 CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
@@ -61,11 +62,12 @@ def test_interpret_kernel_matches_xla_decode(key, hq, hkv, ring, dtype, slots):
 def test_top_n_kernel_matches_xla_selection(key, cfg):
     """The top-n kernel alone on random logits, at positions around compressed-token, block and
     tile boundaries; padded heads hold peaked logits that must be ignored."""
-    from pallas_kernels.gpu.nsa_decode_select import select_top_n, tile_slots
+    from pallas_kernels.gpu.nsa_decode_select import select_top_n
 
     b, hkv, g, gp, slots = 8, 2, 3, 16, 1024
     c = slots // cfg.compress_stride
-    assert c // tile_slots(c, cfg) >= 2  # several tiles, so the spill between them is used
+    tile = decode_pallas.compressed_block(c)
+    assert c // tile >= 2  # several tiles, so the spill between them is used
     k1, k2 = jax.random.split(key)
     logits = 3 * jax.random.normal(k1, (b, hkv, gp, c))
     logits = logits.at[:, :, g:].multiply(10.0)  # peaked: would change the choice if counted
@@ -73,11 +75,10 @@ def test_top_n_kernel_matches_xla_selection(key, cfg):
                                 jax.random.randint(k2, (b - 6,), 0, slots)]).astype(jnp.int32)
     visible = jnp.arange(c) < num_visible_compressed(position, cfg)[:, None, None, None]
     lse = jax.nn.logsumexp(jnp.where(visible, logits, -jnp.inf), axis=-1)
-    got = select_top_n(logits, lse, position, cfg, groups=g, interpret=True)
+    got = select_top_n(logits, lse, position, cfg, groups=g, slots=tile, interpret=True)
     want = select_decode_blocks(logits[:, :, :g], lse[:, :, :g], position, cfg,
                                 slots // cfg.select_block)
-    np.testing.assert_array_equal(np.sort(np.where(got < 0, 1 << 30, got), -1),
-                                  np.where(want < 0, 1 << 30, want))
+    np.testing.assert_array_equal(sorted_block_ids(got), want)
     assert (np.asarray(want)[5] >= 0).all()  # the last slot: a real choice of n blocks
 
 

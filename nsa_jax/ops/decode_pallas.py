@@ -10,7 +10,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.ops import pallas_gpu
 from nsa_jax.ops.decode import (_nsa_decode_xla, combine_branches, group_queries,
                                 select_decode_blocks)
-from nsa_jax.ops.selection import finalize_indices
+from nsa_jax.ops.selection import sorted_block_ids
 
 MIN_ROWS = 16  # Triton dots want >= 16 rows: small groups are padded with zero queries
 
@@ -25,11 +25,10 @@ def compressed_block(slots: int) -> int:
 
 
 def kernel_supports(q, k, v, k_cmp, k_win, cfg: NSAConfig) -> bool:
-    from pallas_kernels.gpu.nsa_decode_select import tile_slots
-
     dk, dv, lp, c = q.shape[-1], v.shape[-1], cfg.select_block, k_cmp.shape[1]
+    tile = compressed_block(c)
     return (all(_power_of_two(x) and x >= 16 for x in (dk, dv, lp))
-            and compressed_block(c) > 0 and tile_slots(c, cfg) > 0
+            and tile > 0 and tile % (lp // cfg.compress_stride) == 0  # top-n: whole blocks a tile
             and c * cfg.compress_stride >= k.shape[1]  # the top-n reads whole blocks' slots
             and k.shape[1] % lp == 0 and k_win.shape[1] % lp == 0)
 
@@ -50,13 +49,14 @@ def nsa_decode(q, k, v, k_cmp, v_cmp, gates, position, k_win, v_win, cfg, scale,
     interpret = not pallas_gpu.on_gpu()
     common = dict(scale=scale, interpret=interpret)
     position = position.astype(jnp.int32)
-    logits, *partials = nsa_decode.compressed_partials(
-        q_g, k_cmp, v_cmp, position, cfg, block_c=compressed_block(k_cmp.shape[1]), **common)
+    tile = compressed_block(k_cmp.shape[1])
+    logits, *partials = nsa_decode.compressed_partials(q_g, k_cmp, v_cmp, position, cfg,
+                                                       block_c=tile, **common)
     o_cmp, lse = nsa_decode.merge_partials(*partials)
     if topn_kernel:
         chosen = nsa_decode_select.select_top_n(logits, lse, position, cfg, groups=g,
-                                                interpret=interpret)
-        indices = finalize_indices(chosen, jnp.where(chosen >= 0, 0.0, -jnp.inf))
+                                                slots=tile, interpret=interpret)
+        indices = sorted_block_ids(chosen)
     else:
         chosen = indices = select_decode_blocks(logits[:, :, :g], lse[:, :, :g], position, cfg,
                                                 k.shape[1] // cfg.select_block)

@@ -3,8 +3,8 @@
 `register()` makes them the "pallas" implementation of compressed_attention, select (fused block
 scoring + top-n), selected_attention, window_attention (cuDNN's sliding window where its
 constraints hold, xla otherwise) and nsa_decode (`decode_pallas.py`); `pallas_ops` calls it on
-every backend but TPU. Off-GPU the kernels run in Pallas interpret mode (slow: for tests). Document starts and slot layouts are
-built here in XLA, so the kernels never see segment_ids.
+every backend but TPU. Off-GPU the kernels run in Pallas interpret mode (slow: for tests).
+Document starts and slot layouts are built here in XLA, so the kernels never see segment_ids.
 """
 from __future__ import annotations
 

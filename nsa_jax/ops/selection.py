@@ -98,12 +98,16 @@ def candidate_scores(scores, local_pos, cfg: NSAConfig):
     return jnp.where(forced, jnp.inf, jnp.where(valid, scores, -jnp.inf))
 
 
+def sorted_block_ids(ids):
+    """Block ids (-1 = none) in ascending order along the last axis, the -1 slots last."""
+    big = jnp.iinfo(jnp.int32).max
+    ids = jnp.sort(jnp.where(ids < 0, big, ids.astype(jnp.int32)), axis=-1)
+    return jnp.where(ids == big, -1, ids)
+
+
 def finalize_indices(chosen, chosen_scores):
     """Slots that only found -inf (fewer valid blocks than n) become -1; ascending order, -1 last."""
-    big = jnp.iinfo(jnp.int32).max
-    chosen = jnp.where(chosen_scores == -jnp.inf, big, chosen.astype(jnp.int32))
-    chosen = jnp.sort(chosen, axis=-1)
-    return jnp.where(chosen == big, -1, chosen)
+    return sorted_block_ids(jnp.where(chosen_scores == -jnp.inf, -1, chosen))
 
 
 def pad_blocks_to(scores, n: int):

@@ -56,11 +56,16 @@ def _store_empty(refs):
            jnp.zeros(acc_ref.shape, jnp.float32))
 
 
+def visible_compressed(t, cfg: NSAConfig):
+    """Compressed tokens a query at position t sees: those with i*d + l - 1 <= t."""
+    l, d = cfg.compress_block, cfg.compress_stride
+    return jnp.where(t >= l - 1, (jnp.maximum(t - l + 1, 0)) // d + 1, 0)
+
+
 def _compressed_kernel(pos_ref, q_ref, k_ref, v_ref, logits_ref, *partial_refs, scale, block_c,
                        cfg: NSAConfig):
     t = pos_ref[...]
-    l, d = cfg.compress_block, cfg.compress_stride
-    visible = jnp.where(t >= l - 1, (jnp.maximum(t - l + 1, 0)) // d + 1, 0)
+    visible = visible_compressed(t, cfg)
     first = pl.program_id(2) * block_c
     live = first < visible
 

@@ -2,7 +2,7 @@
 between the two decode kernels of nsa_decode.py, in one launch instead of a chain of XLA ops.
 
 Grid (B, Hkv). A program walks the compressed logits of its KV group (written by
-`compressed_partials`) in tiles of `slots` compressed tokens = `blocks` selection blocks,
+`compressed_partials`) in tiles of `slots` compressed tokens = slots / (l'/d) selection blocks,
 normalises them with the compressed branch's LSE, maps them to blocks by overlap, sums the group's
 heads and keeps a running top-n: the scoring and merging of the training kernel
 (select_kernel.py) with a single query row. The ids come out unsorted; -1 = nothing chosen.
@@ -15,37 +15,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from nsa_jax.config import NSAConfig
+from pallas_kernels.gpu.nsa_decode import visible_compressed
 from pallas_kernels.gpu.padding import pow2
 from pallas_kernels.gpu.select_kernel import (SelectTiling, candidates, chosen_ids,
                                               empty_top_n, merge_top_n, no_spill,
                                               overlap_weights, tile_block_scores)
 
 
-def tile_slots(compressed_slots: int, cfg: NSAConfig) -> int:
-    """The largest power-of-two tile (<= 128 slots, whole selection blocks) dividing the
-    compressed cache; 0 if there is none."""
-    ratio = cfg.select_block // cfg.compress_stride
-    return next((s for s in (128, 64, 32, 16, 8, 4, 2, 1)
-                 if s >= ratio and s % ratio == 0 and compressed_slots % s == 0), 0)
-
-
-def _tiling(cfg: NSAConfig, gp: int, slots: int, num_warps: int, interpret: bool):
-    ratio = cfg.select_block // cfg.compress_stride
-    chunks = cfg.compress_block // cfg.compress_stride
-    return SelectTiling(
-        qb=1, gp=gp, slots=slots, blocks=slots // ratio, ratio=ratio, chunks=chunks,
-        spill=-(-(chunks - 1) // ratio), select_block=cfg.select_block,
-        compress_block=cfg.compress_block, num_selected=cfg.num_selected,
-        width=pow2(cfg.num_selected), num_init_blocks=cfg.num_init_blocks,
-        num_local_blocks=cfg.num_local_blocks, scale=1.0, num_kv_heads=1,
-        num_warps=num_warps, num_stages=1, interpret=interpret)
-
-
 def _select_kernel(pos_ref, logits_ref, lse_ref, out_ref, *, tiling: SelectTiling, groups: int,
                    cfg: NSAConfig):
     t = pos_ref[...]
-    l, d = cfg.compress_block, cfg.compress_stride
-    visible = jnp.where(t >= l - 1, (t - l + 1) // d + 1, 0)  # compressed tokens t sees
+    visible = visible_compressed(t, cfg)
     lse = lse_ref[...][:, None]
     row = jax.lax.broadcasted_iota(jnp.int32, (tiling.gp, 1), 0)
     usable = (row < groups) & (lse > -jnp.inf)  # padded heads and empty rows add nothing
@@ -71,20 +51,25 @@ def _select_kernel(pos_ref, logits_ref, lse_ref, out_ref, *, tiling: SelectTilin
     out_ref[...] = chosen_ids(vals, ids)[0]
 
 
-def select_top_n(logits, lse, position, cfg: NSAConfig, *, groups: int, num_warps: int = 4,
-                 interpret: bool = False):
+def select_top_n(logits, lse, position, cfg: NSAConfig, *, groups: int, slots: int,
+                 num_warps: int = 4, interpret: bool = False):
     """logits [B, Hkv, Gp, C] float32 (the compressed branch's scaled scores; anything where
     invisible), lse [B, Hkv, Gp] (its log-sum-exp, -inf for rows that see nothing), position [B]
     int32 -> [B, Hkv, n] int32 selected block ids, unsorted, -1 = none. Rows >= `groups` are
-    padding. The cache holds a single document per sequence; C must be a multiple of
-    tile_slots(C, cfg) > 0 and cover every selection block (C >= S / d)."""
+    padding. The cache holds a single document per sequence. `slots`: compressed tokens per step,
+    a power of 2 made of whole selection blocks (a multiple of l'/d) that divides C; C must cover
+    every selection block (C >= S / d)."""
     b, hkv, gp, c = logits.shape
-    slots = tile_slots(c, cfg)
-    if not slots or gp != pow2(gp) or lse.shape != (b, hkv, gp) or position.shape != (b,):
-        raise ValueError(f"logits [B, Hkv, Gp, C] with Gp a power of 2 and C a multiple of a "
-                         f"power-of-two tile of whole selection blocks, lse [B, Hkv, Gp], "
+    ratio = cfg.select_block // cfg.compress_stride
+    if slots < ratio or slots % ratio or slots & (slots - 1) or c % slots:
+        raise ValueError(f"slots must be a power of 2, a multiple of select_block / "
+                         f"compress_stride = {ratio} and divide the {c} compressed slots; got "
+                         f"{slots}")
+    if gp != pow2(gp) or lse.shape != (b, hkv, gp) or position.shape != (b,):
+        raise ValueError(f"logits [B, Hkv, Gp, C] with Gp a power of 2, lse [B, Hkv, Gp], "
                          f"position [B]; got {logits.shape}, {lse.shape}, {position.shape}")
-    tiling = _tiling(cfg, gp, slots, num_warps, interpret)
+    tiling = SelectTiling.for_config(cfg, qb=1, gp=gp, slots=slots, scale=1.0,
+                                     num_warps=num_warps, num_stages=1, interpret=interpret)
     ids = pl.pallas_call(
         lambda *refs: _select_kernel(*refs, tiling=tiling, groups=groups, cfg=cfg),
         grid=(b, hkv),

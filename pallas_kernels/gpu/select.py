@@ -69,17 +69,11 @@ def select_blocks(q, k_cmp, lse, start, cfg: NSAConfig, *, doc_start=None, scale
     g, gp = hq // hkv, pow2(hq // hkv)
     qb = tile_sizes(gp, rows_per_program, rows_per_program)[0]
     ratio = cfg.select_block // cfg.compress_stride
-    chunks = cfg.compress_block // cfg.compress_stride
-    slots = max(key_block, pow2(ratio))
-    blocks = 1 << ((slots // ratio).bit_length() - 1)  # largest power of 2 fitting the slots
-    tiling = SelectTiling(
-        qb=qb, gp=gp, slots=slots, blocks=blocks, ratio=ratio, chunks=chunks,
-        spill=-(-(chunks - 1) // ratio), select_block=cfg.select_block,
-        compress_block=cfg.compress_block, num_selected=cfg.num_selected,
-        width=pow2(cfg.num_selected), num_init_blocks=cfg.num_init_blocks,
-        num_local_blocks=cfg.num_local_blocks,
-        scale=float(dk ** -0.5 if scale is None else scale), num_kv_heads=hkv,
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    tiling = SelectTiling.for_config(
+        cfg, qb=qb, gp=gp, slots=max(key_block, pow2(ratio)),
+        scale=float(dk ** -0.5 if scale is None else scale), num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret)
+    blocks, slots = tiling.blocks, tiling.slots
     tq = -(-t // qb) * qb
     doc = padded_documents(doc_start, b, t, tq)
     offset = first_slot_of_document(start, doc)

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from nsa_jax.config import NSAConfig
 from pallas_kernels.gpu.compressed_fwd import NEG, row_bounds, scores, slot_visible
+from pallas_kernels.gpu.padding import pow2
 
 _EMPTY_ID = 1 << 30  # ids of the initial "nothing chosen yet" entries (score -inf)
 
@@ -40,10 +42,23 @@ class SelectTiling:
     num_init_blocks: int
     num_local_blocks: int
     scale: float
-    num_kv_heads: int
     num_warps: int
     num_stages: int
     interpret: bool
+
+    @classmethod
+    def for_config(cls, cfg: NSAConfig, *, qb: int, gp: int, slots: int, scale: float,
+                   num_warps: int, num_stages: int, interpret: bool) -> "SelectTiling":
+        """The tiling of `slots` compressed slots per step (a power of 2 >= l'/d): as many whole
+        selection blocks per step as fit, the rest derived from the NSA config."""
+        ratio = cfg.select_block // cfg.compress_stride
+        chunks = cfg.compress_block // cfg.compress_stride
+        return cls(qb=qb, gp=gp, slots=slots, blocks=1 << ((slots // ratio).bit_length() - 1),
+                   ratio=ratio, chunks=chunks, spill=-(-(chunks - 1) // ratio),
+                   select_block=cfg.select_block, compress_block=cfg.compress_block,
+                   num_selected=cfg.num_selected, width=pow2(cfg.num_selected),
+                   num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks,
+                   scale=scale, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
     @property
     def rows(self) -> int:
