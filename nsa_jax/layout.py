@@ -1,5 +1,8 @@
 """Where documents, compressed tokens and selection blocks lie in a (possibly packed) sequence.
 
+Pure jnp, importing nothing of nsa_jax but the config, so the ops, the layers and the Pallas kernels
+(which may not import nsa_jax.ops) share one definition of every layout.
+
 Packed documents are marked by `segment_ids` [B, T]: a document is a maximal run of equal
 consecutive ids. Every position, compressed token and selection block is counted from its
 document's start, so a document packed with others is computed exactly as if it were alone.
@@ -18,6 +21,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
+
+
+def positions(batch: int, length: int):
+    """[B, T] int32 absolute token index."""
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
 def document_starts(segment_ids, batch: int, length: int):
@@ -40,7 +48,15 @@ def document_ends(segment_ids, batch: int, length: int):
     return lax.cummin(jnp.where(is_end, t, length), axis=1, reverse=True)
 
 
+def document_positions(segment_ids, batch: int, length: int):
+    """[B, T] int32 position of each token inside its document (`arange(T)` without segment_ids):
+    positions restart at 0 at every document start, which is what makes a packed document see
+    exactly what it sees alone."""
+    return positions(batch, length) - document_starts(segment_ids, batch, length)
+
+
 def num_compressed_slots(length: int, cfg: NSAConfig, packed: bool) -> int:
+    """Tc of the layout above: T // d slots for packed documents, else cfg.num_compressed(T)."""
     return length // cfg.compress_stride if packed else cfg.num_compressed(length)
 
 
@@ -82,3 +98,11 @@ def compressed_visible(start, query_pos, query_doc_start, cfg: NSAConfig):
     start = start[:, None, :]
     return ((start >= query_doc_start[:, :, None])
             & (start + cfg.compress_block - 1 <= query_pos[:, :, None]))
+
+
+def sorted_block_ids(ids):
+    """Selection block ids (-1 = none) in ascending order along the last axis, the -1 slots last:
+    the order every implementation of select_blocks returns."""
+    big = jnp.iinfo(jnp.int32).max
+    ids = jnp.sort(jnp.where(ids < 0, big, ids.astype(jnp.int32)), axis=-1)
+    return jnp.where(ids == big, -1, ids)
