@@ -1,15 +1,17 @@
 """The dense-mask oracle: NSA written as plainly as possible, in float32 (float64 under x64), with
 O(T^2) memory. It is the spec in code and the yardstick of every other implementation — small T
 only. Every mask is built as a full [T, keys] table from positions, independently of the chunked
-gathers of the xla implementation; only the document layout and the NaN-safe softmax are shared.
+gathers of the xla implementation; only the document layout, the NaN-safe softmax and the
+forced-block rule of the top-n are shared. ops.dispatch.TABLE names these as "reference".
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.ops import dispatch, layout
+from nsa_jax import layout
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
+from nsa_jax.ops.selection import candidate_scores, finalize_indices, pad_blocks_to
 
 
 def _f(x):
@@ -42,8 +44,7 @@ def _slot_windows(segment_ids, b, t, cfg):
     return (start >= 0) & (tok >= start) & (tok < start + cfg.compress_block)
 
 
-@dispatch.register("compress", "reference")
-def compress(x, cfg, segment_ids):
+def compress(x, cfg, *, segment_ids=None):
     b, t = x.shape[:2]
     weights = _slot_windows(segment_ids, b, t, cfg).astype(compute_dtype(x)) / cfg.compress_block
     return jnp.einsum("bct,bthd->bchd", weights, _f(x), precision="highest").astype(x.dtype)
@@ -59,8 +60,7 @@ def _compressed_mask(segment_ids, b, t, cfg):
     return inside & jnp.any(windows, axis=-1)[:, None]
 
 
-@dispatch.register("compressed_attention", "reference")
-def compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids, scale):
+def compressed_attention(q, k_cmp, v_cmp, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     mask = _compressed_mask(segment_ids, b, t, cfg)[:, None]
     return _attend(q, k_cmp, v_cmp, mask, scale)
@@ -76,8 +76,7 @@ def overlap_weights(cfg, num_blocks: int):
     return jnp.maximum(hi - lo, 0) // cfg.compress_stride
 
 
-@dispatch.register("block_scores", "reference")
-def block_scores(q, k_cmp, lse, cfg, segment_ids, scale):
+def block_scores(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     b, t, hq, _ = q.shape
     hkv = k_cmp.shape[2]
     num_blocks = cfg.num_blocks(t)
@@ -92,25 +91,21 @@ def block_scores(q, k_cmp, lse, cfg, segment_ids, scale):
     return per_head.reshape(b, t, hkv, hq // hkv, num_blocks).sum(3).astype(jnp.float32)
 
 
-@dispatch.register("select_blocks", "reference")
-def select_blocks(scores, local_pos, cfg):
-    from nsa_jax.ops.selection import candidate_scores, finalize_indices, pad_blocks_to
+def select_blocks(scores, cfg, *, segment_ids=None):
+    local_pos = layout.document_positions(segment_ids, *scores.shape[:2])
     cand = pad_blocks_to(candidate_scores(scores, local_pos, cfg), cfg.num_selected)
     order = jnp.argsort(-cand, axis=-1, stable=True)[..., :cfg.num_selected]
     return finalize_indices(order, jnp.take_along_axis(cand, order, axis=-1))
 
 
-@dispatch.register("select", "reference")
-def select(q, k_cmp, lse, cfg, segment_ids, scale):
+def select(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     stop = jax.lax.stop_gradient
-    scores = block_scores(stop(q), stop(k_cmp), stop(lse), cfg, segment_ids, scale)
-    b, t = q.shape[:2]
-    local_pos = jnp.arange(t) - layout.document_starts(segment_ids, b, t)
-    return select_blocks(scores, local_pos, cfg)
+    scores = block_scores(stop(q), stop(k_cmp), stop(lse), cfg, segment_ids=segment_ids,
+                          scale=scale)
+    return select_blocks(scores, cfg, segment_ids=segment_ids)
 
 
-@dispatch.register("selected_attention", "reference")
-def selected_attention(q, k, v, indices, cfg, segment_ids, scale):
+def selected_attention(q, k, v, indices, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     doc = layout.document_starts(segment_ids, b, t)
     key_block = (jnp.arange(t) - doc) // cfg.select_block  # [B, Tk]
@@ -121,8 +116,7 @@ def selected_attention(q, k, v, indices, cfg, segment_ids, scale):
     return _attend(q, k, v, jnp.moveaxis(mask, 2, 1), scale)[0]
 
 
-@dispatch.register("window_attention", "reference")
-def window_attention(q, k, v, cfg, segment_ids, scale):
+def window_attention(q, k, v, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     dist = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
     mask = _same_document(segment_ids, b, t) & (dist >= 0) & (dist < cfg.window)

@@ -1,6 +1,6 @@
 """Decoding: attention of one new query per sequence over a KV cache, for NSA and dense attention.
 
-Cache layout read here (`nsa_jax.decode` builds it): token p of sequence b sits in slot p of a
+Cache layout read here (`nsa_jax.generation.cache` builds it): token p of sequence b sits in slot p of a
 full cache [B, S, Hkv, D], or in slot p % R of a ring [B, R, Hkv, D] that keeps the last R tokens
 (a full cache is the ring with R = S); keys carry RoPE at their position. Compressed token i sits
 in slot i of k_cmp / v_cmp [B, C, Hkv, D]. `position` [B] int32 is the new query's position t;
@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nsa_jax.branches import combine_branches
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import dispatch, validation
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
@@ -27,6 +28,14 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     S must be a multiple of select_block. k_cmp/v_cmp [B, C, Hkv, D]: compressed cache, C >=
     (S - l) // d + 1. k_win/v_win [B, R, Hkv, D]: the window branch's own K/V as a ring of R >=
     window slots. With return_aux also returns {"indices": [B, Hkv, n], "lse_cmp": [B, Hq]}.
+    scale defaults to 1/sqrt(Dk).
+
+    implementation: "xla", "pallas" (the Triton decode kernels on CPU in interpret mode, GPU and
+    Hopper, for bf16/f32 caches with power-of-two head dims, select_block >= 16 and a compressed
+    cache of whole kernel tiles; xla otherwise and on TPU) or None (pallas on GPU/TPU, xla on
+    CPU); ops.dispatch.TABLE. There is no "reference": the decoding tests hold it against the
+    parallel oracle (ops.nsa_attention, implementation="reference"). Raises ValueError for bad
+    arguments and for implementation="reference".
     """
     validation.check_config(cfg)
     if (k_win is None) != (v_win is None):
@@ -48,8 +57,9 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
                          f"shape {k_win.shape}")
     validation.expect_shape("gates", gates, (b, hq, 3), "[B, Hq, 3]")
     _check_position(position, b)
-    out, aux = dispatch.run("nsa_decode", implementation, q, k, v, k_cmp, v_cmp, gates,
-                            position, k_win, v_win, cfg, validation.default_scale(scale, dk))
+    out, aux = dispatch.run("nsa_decode", implementation, q, k, v, k_cmp, v_cmp, gates, position,
+                            cfg, k_win=k_win, v_win=v_win,
+                            scale=validation.default_scale(scale, dk))
     return (out, aux) if return_aux else out
 
 
@@ -87,12 +97,6 @@ def _check_position(position, batch: int):
                          f"{getattr(position, 'shape', '')}")
 
 
-def num_visible_compressed(position, cfg: NSAConfig):
-    """Compressed tokens a query at `position` sees: those with i*d + l - 1 <= t."""
-    l, d = cfg.compress_block, cfg.compress_stride
-    return jnp.where(position >= l - 1, (position - l + 1) // d + 1, 0)
-
-
 def window_slots(position, window: int, ring: int):
     """Slots [B, window] of the keys [t - window + 1, t] in a ring of `ring` slots, and whether
     each exists (position >= 0)."""
@@ -115,18 +119,11 @@ def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int)
     where invisible) and their log-sum-exp [B, Hkv, G], exactly as ops.select_blocks scores them:
     probabilities summed over the group, spread over the blocks by overlap, forced blocks."""
     c = logits.shape[-1]
-    visible = (jnp.arange(c) < num_visible_compressed(position, cfg)[:, None])[:, None, None]
+    visible = (jnp.arange(c) < cfg.num_visible_compressed(position)[:, None])[:, None, None]
     visible &= jnp.isfinite(lse)[..., None]
     probs = jnp.exp(jnp.where(visible, logits - jnp.where(visible, lse[..., None], 0.0), -jnp.inf))
     scores = overlap_to_blocks(jnp.sum(probs, axis=2)[:, :, None], None, cfg, num_blocks)
     return top_n(jnp.moveaxis(scores, 1, 2).astype(jnp.float32), position[:, None], cfg)[:, 0]
-
-
-def combine_branches(gates, outputs, dtype):
-    """g_cmp * o_cmp + g_slc * o_slc + g_win * o_win with the rounding of ops.nsa_attention."""
-    g = gates.astype(compute_dtype(*outputs))
-    out = sum(g[..., i, None] * o.astype(dtype).astype(g.dtype) for i, o in enumerate(outputs))
-    return out.astype(dtype)
 
 
 def group_queries(q, kv_heads: int):
@@ -166,10 +163,9 @@ def _attend(q, k, v, slots, use, scale):
     return o.reshape(b, hq, -1).astype(q.dtype)
 
 
-@dispatch.register("nsa_decode", "xla")
-def _nsa_decode_xla(q, k, v, k_cmp, v_cmp, gates, position, k_win, v_win, cfg, scale):
+def nsa_decode_xla(q, k, v, k_cmp, v_cmp, gates, position, cfg, *, k_win, v_win, scale):
     b, hq, _ = q.shape
-    visible = jnp.arange(k_cmp.shape[1]) < num_visible_compressed(position, cfg)[:, None]
+    visible = jnp.arange(k_cmp.shape[1]) < cfg.num_visible_compressed(position)[:, None]
     o_cmp, lse, logits = _attend_all(q, k_cmp, v_cmp, visible, scale)
     indices = select_decode_blocks(jax.lax.stop_gradient(logits), lse, position, cfg,
                                    k.shape[1] // cfg.select_block)
