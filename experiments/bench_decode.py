@@ -36,8 +36,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nsa_jax import ModelConfig, NSAConfig, ops  # noqa: E402
-from nsa_jax.decode import init_state, step  # noqa: E402
-from nsa_jax.decode.cache import cache_sizes  # noqa: E402
+from nsa_jax.generation import cache_sizes, init_state, step  # noqa: E402
 
 HQ, HKV, D = 64, 4, 128
 
@@ -75,11 +74,16 @@ def nsa_fn(cfg, implementation):
 def nsa_xla_topn_fn(cfg):
     """The Pallas decode path with its top-n done by XLA between the kernels, as before the
     top-n kernel: shows what that kernel saves."""
-    from nsa_jax.ops import decode_pallas
+    from nsa_jax.ops.decode_attention import select_decode_blocks
+    from pallas_kernels.gpu.triton.decode_attention import nsa_decode_attention
 
-    return jax.jit(lambda a: decode_pallas.nsa_decode(
-        a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"], a["position"], a["k"],
-        a["v"], cfg, D ** -0.5, topn_kernel=False))
+    def run(a):
+        top_n = lambda logits, lse, position: select_decode_blocks(
+            logits, lse, position, cfg, a["k"].shape[1] // cfg.select_block)
+        return nsa_decode_attention(a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"],
+                                    a["position"], cfg, top_n=top_n)
+
+    return jax.jit(run)
 
 
 def full_fns():

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from experiments.bench_kernels import SHAPES, median_ms
 from nsa_jax import NSAConfig, ops
-from nsa_jax.ops import dispatch
+from nsa_jax.ops import selection
 
 CFG = NSAConfig()
 
@@ -98,8 +98,9 @@ def branches(t, hq, hkv):
     scale = q.shape[-1] ** -0.5
     cmp = jax.jit(lambda *x: ops.compressed_attention(*x, CFG, implementation="pallas"))
     lse = ops.compressed_attention(q, k_cmp, v_cmp, CFG, implementation="xla")[1]
-    select = jax.jit(lambda *x: dispatch.run("select", "pallas", *x, CFG, None, scale))
-    idx = jax.jit(lambda *x: dispatch.run("select", "xla", *x, CFG, None, scale))(q, k_cmp, lse)
+    select = jax.jit(lambda *x: selection.select(*x, CFG, scale=scale, implementation="pallas"))
+    idx = jax.jit(lambda *x: selection.select(*x, CFG, scale=scale, implementation="xla"))(
+        q, k_cmp, lse)
     compress = jax.jit(lambda x: ops.compress(x, CFG, implementation="pallas"))
     parts = {
         "compress (per tensor)": (compress, (k,)),

@@ -45,12 +45,10 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.retrieval_report import report  # noqa: E402
 from experiments.runs import train_in_chunks  # noqa: E402
-from nsa_jax.data import (answer_hits, answer_token_hits, padded_batches,  # noqa: E402
-                          passkey_min_length)
+from nsa_jax.data import (PASSKEY_DIGITS, answer_hits, answer_token_hits,  # noqa: E402
+                          padded_batches, passkey_min_length)
 from nsa_jax.eval import parse_eval_args, passkey_cell, selection_hits  # noqa: E402
-from nsa_jax.eval.passkey import NUM_DIGITS  # noqa: E402
-from nsa_jax.train import resolve  # noqa: E402
-from nsa_jax.train.checkpoint import restore_trained_model  # noqa: E402
+from nsa_jax.train import load_trained_run, resolve  # noqa: E402
 
 KINDS = ("nsa", "full")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -67,10 +65,10 @@ def train(config: pathlib.Path, out: pathlib.Path, overrides: list[str], minutes
 
 def check_grid(lengths, depths, examples: int, batch_size: int) -> None:
     """ValueError naming the first bad grid setting and what it must be."""
-    minimum = passkey_min_length(NUM_DIGITS)
+    minimum = passkey_min_length(PASSKEY_DIGITS)
     if not lengths or any(length < minimum for length in lengths):
         raise ValueError(f"--lengths must be context lengths >= {minimum} (the shortest "
-                         f"{NUM_DIGITS}-digit passkey example), got {list(lengths)}")
+                         f"{PASSKEY_DIGITS}-digit passkey example), got {list(lengths)}")
     if not depths or any(not 0.0 <= depth <= 1.0 for depth in depths):
         raise ValueError(f"--depths must be needle depths in [0, 1] (0 = start, 1 = end), got "
                          f"{list(depths)}")
@@ -91,7 +89,7 @@ def load_settings(out: pathlib.Path, kind: str):
 
 def restore(run, workdir: pathlib.Path):
     """-> (graphdef, model state, step) of the newest checkpoint in `workdir`."""
-    graphdef, state, step = restore_trained_model(run, workdir)
+    _, graphdef, state, step = load_trained_run(workdir, run)
     if step < run.train.steps:
         print(f"warning: {workdir} is at step {step} of {run.train.steps}; run train again to "
               "finish it", flush=True)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nsa_jax import ops
+from nsa_jax.branches import BRANCHES
 from nsa_jax.config import ModelConfig
 from nsa_jax.layers.compressor import make_compressor
 from nsa_jax.layers.documents import check_segment_ids, document_positions
@@ -15,7 +16,6 @@ from nsa_jax.layers.rotary import apply_rope
 # sigmoid(-2) ~ 0.12 for cmp and slc, sigmoid(2) ~ 0.88 for win: the window branch dominates at
 # initialisation, so the model learns local patterns first (nsa_spec.md §1.1).
 GATE_BIAS_INIT = (-2.0, -2.0, 2.0)
-BRANCHES = ("cmp", "slc", "win")
 
 
 class BranchInputs(NamedTuple):

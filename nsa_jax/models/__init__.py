@@ -1,5 +1,6 @@
-"""Models built from nsa_jax.layers."""
+"""Models built from nsa_jax.layers, and the language-model objective they train on."""
 from nsa_jax.models.decoder_lm import DecoderLM
+from nsa_jax.models.objective import logits_and_gates, mean_loss, token_losses
 from nsa_jax.models.param_count import num_params
 
-__all__ = ["DecoderLM", "num_params"]
+__all__ = ["DecoderLM", "logits_and_gates", "mean_loss", "num_params", "token_losses"]

@@ -8,25 +8,11 @@ layout never drifts between steps, checkpoints and resumes.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nsa_jax.train.model import forward
+from nsa_jax.models import mean_loss, token_losses
 from nsa_jax.train.sharding import replicated
-
-
-def token_losses(model, batch):
-    """-> (sum of masked cross-entropy, number of target tokens, gate means)."""
-    logits, gates = forward(model, batch)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    return jnp.sum(ce * mask), jnp.sum(mask), gates
-
-
-def mean_loss(model, batch):
-    total, count, gates = token_losses(model, batch)
-    return total / jnp.maximum(count, 1.0), gates
 
 
 def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings):
@@ -45,15 +31,12 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings):
                    out_shardings=(*shardings[:2], replicated(shardings[2].mesh)))
 
 
-def make_eval_step(model_def: nnx.GraphDef, shardings=None):
-    """(model_state, batch) -> (summed token loss, token count); shardings: (model, batch) or
-    None."""
+def make_eval_step(model_def: nnx.GraphDef, shardings):
+    """(model_state, batch) -> (summed token loss, token count); shardings: (model, batch)."""
 
     def eval_step(model_state, batch):
         total, count, _ = token_losses(nnx.merge(model_def, model_state), batch)
         return total, count
 
-    if shardings is None:
-        return jax.jit(eval_step)
     return jax.jit(eval_step, in_shardings=shardings, out_shardings=replicated(shardings[1].mesh))
 

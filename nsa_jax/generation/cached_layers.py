@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nsa_jax.decode.cache import write_ring, write_slots
+from nsa_jax.generation.cache import write_ring, write_slots
 from nsa_jax.layers import NSAAttention
-from nsa_jax.ops.decode import dense_decode_attention, nsa_decode_attention, num_visible_compressed
+from nsa_jax.ops import dense_decode_attention, nsa_decode_attention
 
 
 def prefill_layer(attn, x, lengths, cache: dict):
@@ -27,7 +27,7 @@ def prefill_layer(attn, x, lengths, cache: dict):
     if p.k_win is not None:
         _write_kv(cache, ("k_win", "v_win"), (p.k_win, p.v_win), positions, lengths)
     slots = jnp.arange(k_cmp.shape[1], dtype=jnp.int32)[None]
-    complete = slots < num_visible_compressed(lengths - 1, attn.cfg.nsa)[:, None]
+    complete = slots < attn.cfg.nsa.num_visible_compressed(lengths - 1)[:, None]
     for name, value in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
         cache[name] = write_slots(cache[name], value, slots, complete)
     return attn.attend(p, k_cmp, v_cmp)[0], cache

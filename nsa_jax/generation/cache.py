@@ -1,7 +1,7 @@
-"""The decoding cache: its layout, its allocation and the two ways of writing into it.
+"""The generation cache: its layout, its allocation and the two ways of writing into it.
 
 Sequences are left-aligned: token p of sequence b is at position p (RoPE angle p) and sequences
-of one batch may hold different numbers of tokens (`DecodeState.lengths`). Per layer (a dict):
+of one batch may hold different numbers of tokens (`CacheState.lengths`). Per layer (a dict):
 
   every kind  k, v            [B, S, Hkv, D]  token p in slot p (k rotated at p); S = max_len
                                               rounded up to a multiple of select_block.
@@ -25,12 +25,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.config import ModelConfig
+from nsa_jax.config import ModelConfig, require_int
 
 COMPRESSED_ALIGN = 16  # compressed slots come in tiles of 16 for the decode kernel
 
 
-class DecodeState(NamedTuple):
+class CacheState(NamedTuple):
     layers: tuple  # one dict of cache arrays per layer (layout: module docstring)
     lengths: jax.Array  # [B] int32: tokens held per sequence = position of its next token
 
@@ -42,8 +42,7 @@ def _round_up(x: int, multiple: int) -> int:
 def cache_sizes(cfg: ModelConfig, max_len: int) -> dict:
     """Slots of each buffer for sequences of up to max_len tokens: S (full), C (compressed),
     R (window ring), l (pending)."""
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+    require_int("max_len", max_len, 1)
     nsa = cfg.nsa
     full = _round_up(max_len, nsa.select_block)
     return {"full": full, "compressed": _round_up(full // nsa.compress_stride, COMPRESSED_ALIGN),
@@ -51,7 +50,7 @@ def cache_sizes(cfg: ModelConfig, max_len: int) -> dict:
             "pending": nsa.compress_block}
 
 
-def init_state(cfg: ModelConfig, batch: int, max_len: int) -> DecodeState:
+def init_state(cfg: ModelConfig, batch: int, max_len: int) -> CacheState:
     """An empty cache for `batch` sequences of up to max_len tokens."""
     sizes, dtype = cache_sizes(cfg, max_len), jnp.dtype(cfg.dtype)
     hkv, dk, dv = cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
@@ -70,7 +69,7 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int) -> DecodeState:
         if cfg.separate_branch_kv:
             layer.update(pair(sizes["ring"], ("k_win", "v_win")))
     layers = tuple(dict(layer) for _ in range(cfg.num_layers))
-    return DecodeState(layers, jnp.zeros((batch,), jnp.int32))
+    return CacheState(layers, jnp.zeros((batch,), jnp.int32))
 
 
 def write_slots(buf, values, slots, keep):

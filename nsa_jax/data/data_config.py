@@ -1,14 +1,14 @@
-"""DataConfig: everything the data pipeline needs, validated once on construction."""
+"""DataConfig: everything the data pipeline needs (a run config's `data` section), validated once
+on construction with the checks of nsa_jax.config."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from typing import Mapping
 
+from nsa_jax.config import require_int, require_number
 from nsa_jax.data.corpora import CORPORA
-from nsa_jax.data.tasks import mqar_min_length, passkey_min_length
-
-PASSKEY_DIGITS = 5
+from nsa_jax.data.tasks import PASSKEY_DIGITS, mqar_min_length, passkey_min_length
 
 
 def parse_corpora(corpora) -> tuple[tuple[str, float], ...]:
@@ -38,20 +38,6 @@ def parse_corpora(corpora) -> tuple[tuple[str, float], ...]:
     return tuple(parsed)
 
 
-def _require_int(key: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"DataConfig.{key} must be an int >= {minimum}, got {value!r}")
-
-
-def _require_fraction(key: str, value, low_open: bool, high_open: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
-        raise ValueError(f"DataConfig.{key} must be a number in {interval}, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """corpora: name -> sampling weight (see parse_corpora for the accepted forms); seq_len and
@@ -67,24 +53,14 @@ class DataConfig:
     mqar_prob: float = 0.0
     mqar_num_pairs: int = 8
 
-    @classmethod
-    def from_mapping(cls, values) -> "DataConfig":
-        """From a dict or ml_collections ConfigDict; a misspelt key names the valid ones."""
-        values = dict(values.items())
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown DataConfig key(s) {unknown}; valid keys: {valid}")
-        return cls(**values)
-
     def __post_init__(self):
         object.__setattr__(self, "corpora", parse_corpora(self.corpora))
-        _require_int("seq_len", self.seq_len, 1)
-        _require_int("batch_size", self.batch_size, 1)
-        _require_int("mqar_num_pairs", self.mqar_num_pairs, 1)
-        _require_fraction("validation_fraction", self.validation_fraction, True, True)
-        _require_fraction("passkey_prob", self.passkey_prob, False, False)
-        _require_fraction("mqar_prob", self.mqar_prob, False, False)
+        for key in ("seq_len", "batch_size", "mqar_num_pairs"):
+            require_int(f"DataConfig.{key}", getattr(self, key), 1)
+        require_number("DataConfig.validation_fraction", self.validation_fraction, 0.0,
+                       inclusive=False, maximum=1.0, maximum_inclusive=False)
+        for key in ("passkey_prob", "mqar_prob"):
+            require_number(f"DataConfig.{key}", getattr(self, key), 0.0, maximum=1.0)
         if self.passkey_prob + self.mqar_prob > 1:
             raise ValueError(f"DataConfig.passkey_prob + mqar_prob must be <= 1, got "
                              f"{self.passkey_prob} + {self.mqar_prob}")

@@ -1,12 +1,13 @@
-"""DecoderLM with a cache: prefill a batch of prompts, then one token per sequence per step.
-Both run the model's own blocks (`DecoderBlock.around`) with the cached attention of
-`layers.py` as their token mixer, so nothing of the model is copied or re-implemented."""
+"""The DecoderLM's forward pass through its cache: prefill a batch of prompts, then one token per
+sequence per step. Both run the model's own blocks (`DecoderBlock.around`) with the cached
+attention of `cached_layers.py` as their token mixer, so nothing of the model is copied or
+re-implemented."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nsa_jax.decode.cache import DecodeState, init_state
-from nsa_jax.decode.layers import prefill_layer, step_layer
+from nsa_jax.generation.cache import CacheState, init_state
+from nsa_jax.generation.cached_layers import prefill_layer, step_layer
 
 
 def _through_blocks(model, x, mixer, caches):
@@ -29,21 +30,21 @@ def check_prompts(tokens, lengths, max_len: int):
 
 def prefill(model, tokens, lengths, max_len: int):
     """Prompts tokens [B, P] (left-aligned, right-padded; `lengths` [B] real tokens, 1..P) ->
-    (logits [B, P, V] float32 as the parallel forward gives them, DecodeState for max_len)."""
+    (logits [B, P, V] float32 as the parallel forward gives them, CacheState for max_len)."""
     check_prompts(tokens, lengths, max_len)
     state = init_state(model.cfg, tokens.shape[0], max_len)
     lengths = lengths.astype(jnp.int32)
     logits, caches = _through_blocks(
         model, model.embed(tokens), lambda attn, h, c: prefill_layer(attn, h, lengths, c),
         state.layers)
-    return logits, DecodeState(caches, lengths)
+    return logits, CacheState(caches, lengths)
 
 
-def step(model, state: DecodeState, tokens, implementation=None):
+def step(model, state: CacheState, tokens, implementation=None):
     """One new token per sequence, tokens [B] int -> (logits [B, V] float32, state). Each
     sequence must have room: lengths < the cache's max_len (not checked under jit)."""
     position = state.lengths
     logits, caches = _through_blocks(
         model, model.embed(tokens[:, None]),
         lambda attn, h, c: step_layer(attn, h, position, c, implementation), state.layers)
-    return logits[:, 0], DecodeState(caches, position + 1)
+    return logits[:, 0], CacheState(caches, position + 1)

@@ -1,4 +1,4 @@
-"""Sampling with the cache: prefill a batch of prompts, then one jitted decode step per token."""
+"""Sampling with the cache: prefill a batch of prompts, then one jitted step per token."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax.decode.model import prefill, step
+from nsa_jax.config import require_int
+from nsa_jax.generation.cached_forward import prefill, step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +43,7 @@ def sample(logits, key, temperature: float, top_k: int | None, num_tokens: int):
 def _check(prompts, max_new_tokens, temperature, top_k, num_tokens):
     if not prompts or any(len(p) < 1 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    require_int("max_new_tokens", max_new_tokens, 1)
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if top_k is not None and not 1 <= top_k <= num_tokens:
