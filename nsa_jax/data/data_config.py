@@ -45,6 +45,7 @@ class DataConfig:
     held out; passkey_prob / mqar_prob: chance that a training row is a passkey / MQAR example
     instead of corpus text; mqar_num_pairs: key-value pairs per MQAR example."""
 
+    # Field declarations: alike in form to ModelConfig's (a `duplicates` pair), not shared logic.
     corpora: tuple[tuple[str, float], ...] | Mapping[str, float] | str = (("shakespeare", 1.0),)
     seq_len: int = 256
     batch_size: int = 8

@@ -72,11 +72,11 @@ def cudnn_window_fits(q, k, v, cfg, *, segment_ids=None, scale=None) -> bool:
 
 
 def triton_decode_fits(*args, **kwargs) -> bool:
-    """Power-of-two head dims and select_block >= 16, caches of whole selection blocks
-    (pallas_kernels.gpu.triton.decode_attention.supports)."""
+    """bf16, f16 or f32 caches with power-of-two head dims, select_block >= 16 and caches of
+    whole selection blocks (pallas_kernels.gpu.triton.decode_attention.supports)."""
     from pallas_kernels.gpu.triton import decode_attention
 
-    return triton_selected_dtype(*args) and decode_attention.supports(*args, **kwargs)
+    return triton_dtype(*args) and decode_attention.supports(*args, **kwargs)
 
 
 # --- The table ------------------------------------------------------------------------------------

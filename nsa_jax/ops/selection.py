@@ -82,13 +82,13 @@ def _score_inputs(q, k_cmp, lse, cfg, segment_ids):
     cd = compute_dtype(q)
     stop = jax.lax.stop_gradient
     per_query = (stop(q), layout.positions(b, t), doc_start, stop(lse))
-    return per_query, (stop(k_cmp).astype(cd), lay.start, lay.index), doc_start
+    return per_query, (stop(k_cmp).astype(cd), lay.start, lay.index)
 
 
 def block_scores_xla(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     b, t, _, _ = q.shape
     num_blocks = cfg.num_blocks(t)
-    per_query, shared, _ = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
+    per_query, shared = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
     fn = lambda xs, sh: (_scores_chunk(xs, sh, cfg, scale, num_blocks).astype(jnp.float32),)
     return map_query_chunks(fn, per_query, shared)[0]
 
@@ -166,7 +166,7 @@ def select_xla(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     """block_scores + select_blocks per query chunk, so [T, NB] scores never exist at once."""
     b, t, _, _ = q.shape
     num_blocks = cfg.num_blocks(t)
-    per_query, shared, doc_start = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
+    per_query, shared = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
 
     def fn(xs, sh):
         scores = _scores_chunk(xs, sh, cfg, scale, num_blocks)
