@@ -11,7 +11,7 @@ d=16, l'=64, n=16, w=512):
   attention op  one decode step of one layer's attention: NSA pallas, the same with the top-n
                 in XLA instead of its kernel, NSA xla, full attention through XLA, cuDNN
                 and jax's Pallas GQA decode kernel (whichever run here);
-  model step    nsa_jax.decode.step of a 1-layer synthetic DecoderLM (d_model --d-model) whose
+  model step    nsa_jax.generation.step of a 1-layer synthetic DecoderLM (d_model --d-model) whose
                 cache is filled with random K/V, NSA vs full.
 Each is timed twice: "op"/"model" lines dispatch every step from Python and wait for it (what a
 host-driven generation loop sees, launch and dispatch overhead included); "oploop"/"modelloop"
@@ -54,7 +54,7 @@ class Log:
 
 
 def random_cache(key, cfg: NSAConfig, batch: int, context: int, dtype):
-    """Full and compressed caches of `context` tokens, laid out as nsa_jax.decode.cache does."""
+    """Full and compressed caches of `context` tokens, laid out as nsa_jax.generation.cache does."""
     sizes = cache_sizes(ModelConfig(nsa=cfg), context)
     ks = jax.random.split(key, 6)
     kv = lambda k, n: jax.random.normal(k, (batch, n, HKV, D), dtype)

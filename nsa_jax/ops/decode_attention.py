@@ -30,12 +30,11 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     window slots. With return_aux also returns {"indices": [B, Hkv, n], "lse_cmp": [B, Hq]}.
     scale defaults to 1/sqrt(Dk).
 
-    implementation: "xla", "pallas" (the Triton decode kernels on CPU in interpret mode, GPU and
-    Hopper, for bf16/f16/f32 caches with power-of-two head dims, select_block >= 16 and a compressed
-    cache of whole kernel tiles; xla otherwise and on TPU) or None (pallas on GPU/TPU, xla on
-    CPU); ops.dispatch.TABLE. There is no "reference": the decoding tests hold it against the
-    parallel oracle (ops.nsa_attention, implementation="reference"). Raises ValueError for bad
-    arguments and for implementation="reference".
+    implementation: "reference" (dense masks over the cache, float32), "xla", "pallas" (the
+    Triton decode kernels on CPU in interpret mode, GPU and Hopper, for bf16/f16/f32 caches with
+    power-of-two head dims, select_block >= 16 and a compressed cache of whole kernel tiles; xla
+    otherwise and on TPU) or None (pallas on GPU/TPU, xla on CPU); ops.dispatch.TABLE. Raises
+    ValueError for bad arguments.
     """
     validation.check_config(cfg)
     if (k_win is None) != (v_win is None):

@@ -167,8 +167,9 @@ TABLE = {
             "tpu": WIN + "window_attention_xla",
         },
     },
-    "nsa_decode": {  # no "reference": the decode ops are checked against the parallel oracle
+    "nsa_decode": {
         None: FASTEST,
+        "reference": {"*": REF + "nsa_decode"},
         "xla": {"*": DEC + "nsa_decode_xla"},
         "pallas": {
             "cpu": [(triton_decode_fits, TRITON + "decode_attention:nsa_decode_attention"),

@@ -5,6 +5,7 @@ and reference implementations need none of this (jit partitions them)."""
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 
@@ -16,7 +17,7 @@ def per_device(kernel, *args, **kwargs):
     if mesh.empty or mesh.size == 1:
         return kernel(*args, **kwargs)
     leaves, tree = jax.tree.flatten((args, kwargs))
-    where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    where = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
     batch = leaves[where[0]].shape[0]
     if batch % mesh.size:
         raise ValueError(f"implementation='pallas' under a mesh of {mesh.size} devices "

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers.inputs import rel_err
-from tests.helpers.models import tiny_model_config
 from nsa_jax import generation
 from nsa_jax.config import NSAConfig
 from nsa_jax.models import DecoderLM
+from tests.helpers.inputs import rel_err
+from tests.helpers.models import tiny_model_config
 
 # l != d and l' != l; 5+ selection blocks of which n=3 (2 forced) are chosen, so from position 24
 # on there is a genuine choice; the window ring (8 slots) wraps.

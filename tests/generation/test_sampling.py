@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers.models import tiny_model_config
 from nsa_jax import cli
 from nsa_jax.config import NSAConfig
 from nsa_jax.generation.sampling import generate, sample
 from nsa_jax.models import DecoderLM
+from tests.helpers.models import tiny_model_config
 
 NSA = NSAConfig(compress_block=4, compress_stride=2, select_block=8, num_selected=3,
                 num_init_blocks=1, num_local_blocks=1, window=5)

@@ -11,10 +11,10 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from tests.helpers.inputs import PAPER, SMALL, make_qkv, random_segments, rel_err
 from nsa_jax import ops
 from nsa_jax.ops import dispatch
 from pallas_kernels.tpu import compressed, selected
+from tests.helpers.inputs import PAPER, SMALL, make_qkv, random_segments, rel_err
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # bf16: MXU operands rounded, as on a TPU
 INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")

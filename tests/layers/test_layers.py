@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers.models import TINY_NSA, tiny_model_config
 from nsa_jax import ops
 from nsa_jax.config import ModelConfig, NSAConfig
 from nsa_jax.layers import (DenseAttention, LinearCompressor, MeanCompressor, MLPCompressor,
                             NSAAttention, apply_rope, document_positions,
                             same_document_mask)
 from nsa_jax.layers.projections import split_heads
+from tests.helpers.models import TINY_NSA, tiny_model_config
 
 PACKED_SEGMENTS = jnp.array([[4] * 9 + [7] * 13 + [4] * 2, [1] * 24])  # 9 + 13 + 2 | one document
 

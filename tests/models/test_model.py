@@ -6,11 +6,11 @@ import optax
 import pytest
 from flax import nnx
 
-from tests.helpers.models import jitted_forward, tiny_model_config
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
 from nsa_jax.layers import document_positions
 from nsa_jax.models import DecoderLM, num_params
+from tests.helpers.models import jitted_forward, tiny_model_config
 
 KINDS = ("nsa", "full", "window")
 

@@ -38,14 +38,14 @@ def test_every_cell_names_importable_targets_and_ends_in_an_unconditional_one():
         assert set(row[None]) == set(dispatch.BACKENDS) and set(row[None].values()) <= set(row)
 
 
-def test_missing_implementation_says_what_can_run(key):
-    q = jax.random.normal(key, (1, 4, 8))
-    k = jnp.zeros((1, 64, 2, 8))
-    k_cmp = jnp.zeros((1, 16, 2, 8))
-    with pytest.raises(ValueError, match=r"nsa_decode has no 'reference' implementation; it can "
-                                         r"run \['xla', 'pallas'\]"):
-        ops.nsa_decode_attention(q, k, k, k_cmp, k_cmp, jnp.zeros((1, 4, 3)),
-                                 jnp.array([5], jnp.int32), SMALL, implementation="reference")
+def test_missing_implementation_says_what_can_run(monkeypatch):
+    row = {name: cells for name, cells in dispatch.TABLE["window_attention"].items()
+           if name != "reference"}
+    monkeypatch.setattr(dispatch, "TABLE", {**dispatch.TABLE, "window_attention": row})
+    x = jnp.zeros((1, 32, 2, 8))
+    with pytest.raises(ValueError, match=r"window_attention has no 'reference' implementation; it "
+                                         r"can run \['xla', 'pallas'\]"):
+        ops.window_attention(x, x, x, SMALL, implementation="reference")
 
 
 @pytest.mark.parametrize("capability, expected", [("9.0", "hopper"), ("8.0", "gpu")])

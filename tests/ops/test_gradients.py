@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from tests.helpers.inputs import SMALL, make_qkv, random_segments, rel_err
 from nsa_jax import ops
+from tests.helpers.inputs import SMALL, make_qkv, random_segments, rel_err
 
 TOL = 1e-5
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tests.helpers.inputs import PAPER
 from nsa_jax import ops
+from tests.helpers.inputs import PAPER
 
 
 def _temp_bytes(t, grad):

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers.inputs import PAPER, SMALL, make_qkv, rel_err
 from nsa_jax import NSAConfig, ops
 from nsa_jax.ops.reference import overlap_weights
+from tests.helpers.inputs import PAPER, SMALL, make_qkv, rel_err
 
 IMPLS = ["xla", "reference"]
 

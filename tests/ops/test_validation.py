@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from tests.helpers.inputs import SMALL
 from nsa_jax import NSAConfig, ops
+from tests.helpers.inputs import SMALL
 
 B, T, HQ, HKV, D = 1, 40, 4, 2, 8
 Q = jnp.zeros((B, T, HQ, D))
