@@ -66,15 +66,19 @@ def sorted_block_ids(ids):
     return jnp.where(ids == big, -1, ids)
 
 
+def chosen_blocks(top_keys, top_ids):
+    """A top-n of rank keys (keys and block ids [..., n], as lax.top_k returns them) -> the
+    selection: ids ascending, -1 for slots that found only invisible blocks, -1 slots last."""
+    return sorted_block_ids(jnp.where(top_keys == KEY_INVISIBLE, -1, top_ids))
+
+
 def top_n_of_keys(keys, n: int):
-    """The n best blocks of rank keys [..., NB] by (key desc, block id asc): int32 [..., n],
-    ascending, -1 for slots that found only invisible blocks, -1 slots last."""
+    """The n best blocks of rank keys [..., NB] by (key desc, block id asc), as chosen_blocks."""
     short = n - keys.shape[-1]
     if short > 0:
         pad = [(0, 0)] * (keys.ndim - 1) + [(0, short)]
         keys = jnp.pad(keys, pad, constant_values=KEY_INVISIBLE)
-    values, ids = jax.lax.top_k(keys, n)  # equal keys: the lower index first
-    return sorted_block_ids(jnp.where(values == KEY_INVISIBLE, -1, ids))
+    return chosen_blocks(*jax.lax.top_k(keys, n))  # equal keys: the lower index first
 
 
 def select_top_n(scores, local_pos, cfg: NSAConfig):

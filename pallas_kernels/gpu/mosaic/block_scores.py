@@ -90,11 +90,14 @@ _HIGH_HALF = np.int32(-65536)  # 0xFFFF0000: sign, exponent and the 7 mantissa b
 @dataclasses.dataclass(frozen=True)
 class ScoreTiling:
     """slots: compressed slots per warpgroup sub-tile (kb, a multiple of 16 and of l'/d);
-    q_stages: depth of the shared Q ring; k_stages: depth of each warpgroup's K ring."""
+    q_stages: depth of the shared Q ring; k_stages: depth of each warpgroup's K ring;
+    ping_pong: alternate the two warpgroups' wgmmas (FA3's schedule barrier), so one's exp2
+    overlaps the other's matmul."""
 
     slots: int = 128
     q_stages: int = 3
     k_stages: int = 2
+    ping_pong: bool = True
 
     def __post_init__(self):
         if self.slots < 16 or self.slots % 16:
@@ -115,9 +118,11 @@ class ScoreTiling:
 
     @classmethod
     def for_shape(cls, cfg: NSAConfig, dk: int, group: int, dtype, slots: int = 128):
-        """The deepest rings (Q first, then K) of `slots`-slot sub-tiles that fit in SMEM."""
-        for q_stages, k_stages in ((3, 2), (2, 2), (2, 1)):
-            tiling = cls(slots, q_stages, k_stages)
+        """The deepest rings (Q first, then K) of `slots`-slot sub-tiles that fit in SMEM, else
+        of half as many slots (e.g. Dk = 256)."""
+        options = [(s, q, k) for s in (slots, slots // 2) for q, k in ((3, 2), (2, 2), (2, 1))]
+        for option in options:
+            tiling = cls(*option)
             if tiling.smem_bytes(cfg, dk, group, dtype) <= SMEM_BYTES:
                 return tiling
         return cls(slots, 2, 1)  # check() names the shortfall
@@ -339,33 +344,50 @@ def _producer(st: _Static, refs, smem, bars, bi, hi, tile, row0, counts):
     plgpu.copy_gmem_to_smem(w_ref, w_smem, w_bar)
     plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, :, pl.ds(row0, BLOCK_ROWS)], lse_smem, lse_bar)
 
+    def wait_free(barrier, use, stages):
+        """Before the `use`-th fill of a ring slot: its previous contents were released."""
+        @pl.when(use >= stages)
+        def _():
+            plgpu.barrier_wait(barrier)
+
+    def load_k(idx, base, pair, wg):
+        slot = wg * kst + lax.rem(idx, kst)
+        wait_free(k_free.at[slot], idx, kst)
+        start = _k_start(st, base, 2 * pair + wg)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(start, st.geo.width), hi], k_ring.at[slot],
+                                k_full.at[slot])
+
+    def load_q(idx, head):
+        qi = idx * g + head
+        slot = lax.rem(qi, qst)
+        wait_free(q_free.at[slot], qi, qst)
+        rows = pl.ds(pl.multiple_of(q0 + row0, BLOCK_ROWS), BLOCK_ROWS)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi * g + head], q_ring.at[slot],
+                                q_full.at[slot])
+
     @pl.loop(0, pairs * num_docs)
     def _step(idx):
         pair, u = lax.div(idx, num_docs), lax.rem(idx, num_docs)
         _, base, _ = _document(leaders_ref, rows_ref, bi, tile, row0, u)
-        for wg in range(COMPUTE_WGS):
-            slot = wg * kst + lax.rem(idx, kst)
+        # Warpgroup 1 runs one wgmma behind warpgroup 0 (the ping-pong): it releases its K
+        # slot of the previous step only after warpgroup 0's first wgmma of this one, so that
+        # head's Q must be on its way before waiting for warpgroup 1's K slot.
+        load_k(idx, base, pair, 0)
+        load_q(idx, 0)
+        load_k(idx, base, pair, 1)
 
-            @pl.when(idx >= kst)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
-
-            start = _k_start(st, base, 2 * pair + wg)
-            plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(start, st.geo.width), hi],
-                                    k_ring.at[slot], k_full.at[slot])
-
-        @pl.loop(0, g)
+        @pl.loop(1, g)
         def _head(head):
-            qi = idx * g + head
-            slot = lax.rem(qi, qst)
+            load_q(idx, head)
 
-            @pl.when(qi >= qst)
-            def _():
-                plgpu.barrier_wait(q_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(
-                q_ref.at[bi, pl.ds(pl.multiple_of(q0 + row0, BLOCK_ROWS), BLOCK_ROWS), hi * g + head],
-                q_ring.at[slot], q_full.at[slot])
+    # Wait for the last release of every slot used, so every phase of the rings is observed
+    # (interpret mode checks this when the barriers are freed; on the GPU it costs nothing).
+    uses = pairs * num_docs
+    for slot in range(qst):
+        wait_free(q_free.at[slot], uses * g - slot + qst - 1, qst)
+    for wg in range(COMPUTE_WGS):
+        for slot in range(kst):
+            wait_free(k_free.at[wg * kst + slot], uses - slot + kst - 1, kst)
 
 
 def _column_mask(st: _Static, e, first_col, visible_row, sub):
@@ -378,6 +400,11 @@ def _column_mask(st: _Static, e, first_col, visible_row, sub):
     limit = lax.broadcast_in_dim(visible_row - i0, e.shape, [0])
     usable = (col >= jnp.maximum(first_col, -i0)) & (col < limit)
     return jnp.where(usable, e, 0.0)
+
+
+def _column_tile(geo: Geometry, sub):
+    """Output columns of sub-tile `sub`: its nb blocks."""
+    return pl.ds(pl.multiple_of(sub * geo.blocks, geo.blocks), geo.blocks)
 
 
 def _block_scores_of(st: _Static, psum, w_smem, staging):
@@ -403,16 +430,23 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
     first_col = geo.extra - geo.spill
     plgpu.barrier_wait(w_bar)
     plgpu.barrier_wait(lse_bar)
-    pl.when(wg == 1)(lambda: _sync(schedule))  # ping-pong: warpgroup 1 starts one wgmma behind
+    sync = (lambda: _sync(schedule)) if st.tiling.ping_pong else (lambda: None)
+    pl.when(wg == 1)(sync)  # ping-pong: warpgroup 1 starts one wgmma behind
 
-    def head_step(idx, kslot, in_doc, sub, masked, head, psum):
+    def head_step(idx, kslot, in_doc, sub, mode, head, psum):
+        """One head's Q tile against the sub-tile: mode "whole" (no mask), "masked", or "skip"
+        (warpgroup 1's sub-tile past the last needed one: only the barriers, in step)."""
         qi = idx * g + head
         qslot = lax.rem(qi, qst)
         plgpu.barrier_wait(q_full.at[qslot])
+        if mode == "skip":
+            sync()
+            plgpu.barrier_arrive(q_free.at[qslot])
+            return psum
 
         def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_ring.at[qslot], k_ring.at[kslot].transpose((1, 0)))
-            _sync(schedule)
+            sync()
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((BLOCK_ROWS, geo.width), jnp.float32))
@@ -420,7 +454,7 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
         lse = jnp.where(in_doc, plgpu.load(lse_smem.at[head], layout=ROW, optimized=False),
                         jnp.inf)
         e = jnp.exp2(s * st.logit_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
-        if masked:
+        if mode == "masked":
             e = _column_mask(st, e, first_col, visible_row, sub)
         return psum + e
 
@@ -435,11 +469,12 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
         whole = (sub * geo.slots >= geo.spill) & ((sub + 1) * geo.slots <= fewest)
         plgpu.barrier_wait(k_full.at[kslot])
 
-        def heads(masked):
-            step = functools.partial(head_step, idx, kslot, in_doc, sub, masked)
+        def heads(mode):
+            step = functools.partial(head_step, idx, kslot, in_doc, sub, mode)
             return lambda: lax.fori_loop(0, g, step, psum)
 
-        psum = lax.cond(whole, heads(False), heads(True))
+        psum = lax.cond(sub < need, lambda: lax.cond(whole, heads("whole"), heads("masked")),
+                        heads("skip"))
         plgpu.barrier_arrive(k_free.at[kslot])
         return psum
 
@@ -447,8 +482,7 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store left out_tile
         out_tile[...] = scores
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            out_tile, out_ref.at[bi, hi, rows, pl.ds(pl.multiple_of(sub * geo.blocks, geo.blocks), geo.blocks)])
+        plgpu.copy_smem_to_gmem(out_tile, out_ref.at[bi, hi, rows, _column_tile(geo, sub)])
 
     def pair_step(pair, carry):
         psum = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS, geo.width), jnp.float32), WGMMA)
@@ -463,7 +497,7 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
         return carry
 
     lax.fori_loop(0, pairs, pair_step, None)
-    pl.when(wg == 0)(lambda: _sync(schedule))
+    pl.when(wg == 0)(sync)
 
     # Blocks past every row's last visible slot score 0.
     zeros = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS, geo.blocks), jnp.float32), WGMMA)
@@ -477,8 +511,7 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
             out_tile[...] = zeros
             plgpu.commit_smem()
 
-        plgpu.copy_smem_to_gmem(
-            out_tile, out_ref.at[bi, hi, rows, pl.ds(pl.multiple_of(sub * geo.blocks, geo.blocks), geo.blocks)])
+        plgpu.copy_smem_to_gmem(out_tile, out_ref.at[bi, hi, rows, _column_tile(geo, sub)])
 
     plgpu.wait_smem_to_gmem(0)
 
