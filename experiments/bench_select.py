@@ -9,7 +9,8 @@ Run on a GPU:  python experiments/bench_select.py [--quick] [--reps 20]
    ops.select_blocks of the xla scores. Rows whose sets differ must be provable near-ties: the
    blocks only one side chose score within TIE_TOLERANCE (relative to the row's largest score)
    of each other in both score arrays. Counts are printed; exit 1 on any other difference.
-   The Triton top-n kernel (pallas_kernels.gpu.top_n) must pick exactly lax.top_k's blocks.
+   The Triton top-n kernel (pallas_kernels.gpu.top_n) and scoring in two query chunks (a traced
+   query_start) must pick exactly the blocks of lax.top_k on the whole sequence's scores.
 2. Timing (median of --reps after warm-up): Mosaic scores (with and without the warpgroup
    ping-pong), the top-n alone (rank keys + lax.top_k; the Triton top-n kernel), scores + each
    top-n, and the current fused Triton kernel; TFLOP/s of the recomputed Q·K_cmpᵀ =
@@ -122,6 +123,9 @@ def check(t, hq, hkv):
     our_idx = jax.jit(lax_top_n)(ours, local).transpose(0, 2, 1, 3)
     kernel_idx = jax.jit(kernel_top_n)(ours, local).transpose(0, 2, 1, 3)
     same_top_n = bool(jnp.array_equal(kernel_idx, our_idx))
+    chunked = jax.jit(functools.partial(mosaic_select, chunk=t // 2))(q, k_cmp, lse, start, doc,
+                                                                     local)
+    same_chunked = bool(jnp.array_equal(chunked, our_idx))
     ours = ours.transpose(0, 2, 1, 3)
     ours, theirs = np.asarray(ours), np.asarray(xla_scores)
     finite = bool(np.isfinite(ours).all())
@@ -130,13 +134,14 @@ def check(t, hq, hkv):
     rows = np.argwhere(np.any(a != b, axis=-1))
     ties = sum(near_tie(theirs[tuple(r)], a[tuple(r)], b[tuple(r)])
                and near_tie(ours[tuple(r)], a[tuple(r)], b[tuple(r)]) for r in rows)
-    ok = finite and err < 1e-4 and ties == len(rows) and same_top_n
+    ok = finite and err < 1e-4 and ties == len(rows) and same_top_n and same_chunked
     report = dict(T=t, Hq=hq, Hkv=hkv, scores_rel_err=err, rows=int(a.shape[1] * a.shape[2]),
                   differing_rows=len(rows), near_ties=ties, finite=finite,
-                  triton_top_n_identical=same_top_n, ok=ok)
+                  triton_top_n_identical=same_top_n, chunks_identical=same_chunked, ok=ok)
     print(f"check T={t} Hq={hq} Hkv={hkv}: scores rel err {err:.1e}, rows differing from xla "
-          f"{len(rows)} of {report['rows']} (near-ties {ties}), Triton top-n identical to "
-          f"lax.top_k: {same_top_n} {'ok' if ok else 'FAIL'}", flush=True)
+          f"{len(rows)} of {report['rows']} (near-ties {ties}); identical to lax.top_k on the "
+          f"whole sequence: Triton top-n {same_top_n}, two query chunks {same_chunked} "
+          f"{'ok' if ok else 'FAIL'}", flush=True)
     return ok, report
 
 
