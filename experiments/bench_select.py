@@ -37,7 +37,7 @@ import numpy as np
 
 from experiments.bench_kernels import median_ms
 from nsa_jax import NSAConfig, ops
-from nsa_jax.ops import layout
+from nsa_jax import layout
 from nsa_jax.selection_rule import chosen_blocks, rank_keys, select_top_n
 from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.mosaic import block_scores as mosaic

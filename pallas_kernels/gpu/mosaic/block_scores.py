@@ -204,7 +204,7 @@ def aligned_rows(slot_start_BTc, doc_start_BT, cfg: NSAConfig, geo: Geometry):
     (row of each slot [B, Tc] int32, -1 for padding slots; the number of rows, static).
 
     Slot s holds a compressed token starting at raw token slot_start[s] (-1: padding, last); a
-    document's slots are contiguous and in order (nsa_jax.ops.layout.compressed_layout), so its
+    document's slots are contiguous and in order (nsa_jax.layout.compressed_layout), so its
     slot i is slot first + i. In the K layout it sits on row X + base + i, base = the sum of the
     earlier documents' slot counts, each rounded up to 8; X zero rows in front and kb + E behind
     keep every sub-tile's load in bounds.
@@ -604,7 +604,7 @@ def block_scores(q, k_cmp, lse, slot_start, doc_start, cfg: NSAConfig, *, scale=
     q [B, T, Hq, Dk] bfloat16/float16 with Dk a multiple of 64; k_cmp [B, Tc, Hkv, Dk] in q's
     dtype; lse [B, T, Hq] float32, the compressed branch's natural-log LSE (-inf where it saw
     nothing; those rows score 0); slot_start [B, Tc] int32 and doc_start [B, T] int32 as
-    nsa_jax.ops.layout.compressed_layout(...).start and document_starts(...) build them;
+    nsa_jax.layout.compressed_layout(...).start and document_starts(...) build them;
     scale: logit scale (default Dk ** -0.5). query_start: a multiple of 64 (int or traced int32;
     a traced start reuses one compiled kernel for every chunk); num_queries: static, default
     T - query_start. Raises ValueError for shapes or configurations the kernel cannot run.

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from jax import export
 
-from kernel_testing import CompiledOrInterpreted
 from nsa_jax import ops, selection_rule
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import layout
+from nsa_jax import layout
 from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.mosaic import block_scores as mosaic
 from pallas_kernels.gpu.mosaic import common
+from tests.helpers.kernels import CompiledOrInterpreted
 
 F32_ROUNDING = 1e-6  # relative score error allowed when checking a top-n against float64 scores
 
@@ -136,6 +136,7 @@ def assert_valid_top_n(chosen, scores64, local, cfg, tolerance=F32_ROUNDING):
 
 
 class TestMosaicBlockScores(CompiledOrInterpreted):
+    BACKENDS = ("hopper",)
 
     def scores(self, q, k_cmp, lse, start, doc, cfg, **kwargs):
         """Kernel scores as [B, T, Hkv, NB] numpy (the ops layout)."""
