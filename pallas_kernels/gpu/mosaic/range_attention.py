@@ -1,0 +1,493 @@
+"""Range attention on Hopper (Mosaic GPU): every query row sees one contiguous key range.
+
+NSA's compressed branch and its sliding window are one problem (nsa_spec.md, sections on the
+compressed and window branches): query t attends to the keys [kstart_t, kend_t) only.
+- compressed: the compressed slots of t's own document that end at or before t
+  (`compressed_ranges`);
+- window: keys max(document start, t - w + 1) .. t (`window_ranges`).
+
+Layout, "grouped rows": for KV head h the G query heads of its group are stacked into wgmma's M
+dimension, so one K/V tile serves G query heads at once and dK/dV need no sum over the group.
+Row r of KV head h is query position r // G, query head h * G + r % G (`to_rows`, `from_rows`).
+K and V keep the ops layout [B, S, Hkv, D] and are TMA-loaded as strided [block, D] boxes.
+
+Kernels (FA3 structure, like jax's pallas/ops/gpu/attention_mgpu.py): two compute warpgroups of
+64 rows each and one TMA producer warpgroup filling K/V rings in swizzled SMEM; each program's
+key loop covers [kstart of its first row, kend of its last row) (ranges are non-decreasing in
+position), masks each row by its own range, and skips the mask on key tiles inside every row's
+range. Rows that see nothing give o = 0 exactly and lse = -inf.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gpu.mosaic import common
+
+BLOCK_ROWS = 64  # query rows per compute warpgroup: wgmma's M
+COMPUTE_WGS = 2
+ROW_ALIGN = COMPUTE_WGS * BLOCK_ROWS  # rows per forward / dQ program; to_rows pads R to it
+SMEM_BYTES = 227 * 1024  # per thread block on H100 / H200
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Finite floor of the running max, so a row that has seen no key yet rescales by exp2(0) = 1
+# instead of exp2(-inf - -inf) = NaN. Any real scaled logit lies far above it.
+MAX_FLOOR = -1e30
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+# ----------------------------------------------------------------------------- tile options
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeTiling:
+    """Tile sizes of the range-attention kernels (keys and rows, multiples of 64).
+
+    block_kv, stages: keys per forward step and depth of the forward K/V rings.
+    block_kv_dq, stages_dq: the same for the dQ kernel.
+    block_kv_dkv: keys per compute warpgroup of the dK/dV kernel (a program owns twice that);
+    block_rows_dkv: query rows per dK/dV step (64 or 128); stages_dkv: depth of its row rings;
+    dkv_splits: programs sharing one key tile's rows (their float32 partials are summed in XLA),
+    to fill the GPU when there are few key tiles (the compressed branch at 8k has 512 slots).
+    """
+
+    block_kv: int = 128
+    stages: int = 2
+    block_kv_dq: int = 64
+    stages_dq: int = 2
+    block_kv_dkv: int = 64
+    block_rows_dkv: int = 64
+    stages_dkv: int = 2
+    dkv_splits: int = 1
+
+    def __post_init__(self):
+        for name in ("block_kv", "block_kv_dq", "block_kv_dkv"):
+            value = getattr(self, name)
+            if value < 64 or value % 64 or value > 256:
+                raise ValueError(f"RangeTiling.{name} must be 64, 128, 192 or 256, got {value}")
+        if self.block_rows_dkv not in (64, 128):
+            raise ValueError(f"RangeTiling.block_rows_dkv must be 64 or 128, got "
+                             f"{self.block_rows_dkv}")
+        for name in ("stages", "stages_dq", "stages_dkv"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"RangeTiling.{name} must be >= 2, got {getattr(self, name)}")
+        if self.dkv_splits < 1:
+            raise ValueError(f"RangeTiling.dkv_splits must be >= 1, got {self.dkv_splits}")
+
+    @classmethod
+    def for_head_dims(cls, dk: int, dv: int) -> RangeTiling:
+        """Defaults: FA3's 128-key forward tile up to D = 128, 64 keys beyond (SMEM)."""
+        return cls(block_kv=128 if max(dk, dv) <= 128 else 64)
+
+    @property
+    def key_multiple(self) -> int:
+        """S is padded to a multiple of every key tile."""
+        return math.lcm(self.block_kv, self.block_kv_dq, COMPUTE_WGS * self.block_kv_dkv)
+
+    def smem_bytes(self, dk: int, dv: int, dtype) -> dict[str, int]:
+        """Shared memory each kernel allocates, in bytes, for head dims dk, dv."""
+        size = jnp.dtype(dtype).itemsize
+        rows = COMPUTE_WGS * BLOCK_ROWS
+        o_extra = 0 if dk == dv else rows * dv * size  # o reuses q's buffer when they match
+        forward = (rows * dk * size + o_extra + self.stages * self.block_kv * (dk + dv) * size
+                   + rows * 4)
+        dq = (rows * (dk + dv) * size + self.stages_dq * self.block_kv_dq * (dk + dv) * size)
+        keys = COMPUTE_WGS * self.block_kv_dkv
+        dkv = (keys * (dk + dv) * size
+               + self.stages_dkv * self.block_rows_dkv * ((dk + dv) * size + 4 * 4)
+               + keys * max(dk, dv) * 4)  # float32 staging of dK, then of dV
+        return {"forward": forward, "dq": dq, "dkv": dkv}
+
+    def check_smem(self, dk: int, dv: int, dtype) -> None:
+        """Raises ValueError if a kernel would need more than the 227 KiB of SMEM per block."""
+        for kernel, used in self.smem_bytes(dk, dv, dtype).items():
+            if used > SMEM_BYTES:
+                raise ValueError(
+                    f"RangeTiling {self} needs {used} bytes of shared memory in the {kernel} kernel "
+                    f"for head dims ({dk}, {dv}); H100/H200 have {SMEM_BYTES}. Use smaller "
+                    f"blocks or fewer stages.")
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+
+def to_rows(q_BTHD, num_kv_heads: int):
+    """q [B, T, Hq, D] -> grouped rows [B, Hkv, R, D], R = T * G rounded up to ROW_ALIGN with
+    zero rows. Row r of KV head h is position r // G, query head h * G + r % G."""
+    b, t, hq, d = q_BTHD.shape
+    if num_kv_heads < 1 or hq % num_kv_heads:
+        raise ValueError(f"num_kv_heads must divide Hq = {hq}, got {num_kv_heads}")
+    g = hq // num_kv_heads
+    rows = q_BTHD.reshape(b, t, num_kv_heads, g, d).transpose(0, 2, 1, 3, 4)
+    rows = rows.reshape(b, num_kv_heads, t * g, d)
+    pad = -(t * g) % ROW_ALIGN
+    return jnp.pad(rows, ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+
+def from_rows(x_rows, length: int, num_q_heads: int):
+    """Inverse of `to_rows`: [B, Hkv, R, D] -> [B, T, Hq, D], or [B, Hkv, R] -> [B, T, Hq]."""
+    b, hkv, r = x_rows.shape[:3]
+    tail = x_rows.shape[3:]
+    g = num_q_heads // hkv
+    if num_q_heads % hkv or r < length * g:
+        raise ValueError(f"x_rows {x_rows.shape} does not hold {length} positions of "
+                         f"{num_q_heads} query heads")
+    x = x_rows[:, :, : length * g].reshape(b, hkv, length, g, *tail)
+    return jnp.moveaxis(x, 1, 2).reshape(b, length, num_q_heads, *tail)
+
+
+def compressed_ranges(slot_start_BTc, doc_start_BT, compress_block: int):
+    """Key ranges of the compressed branch: (kstart, kend) int32 [B, T].
+
+    Slot s (first raw token slot_start[s]; -1 marks padding slots, which come last; valid starts
+    ascend and each document's slots are contiguous, as `nsa_jax.ops.layout.compressed_layout`
+    lays them out) is visible to query t iff doc_start[t] <= slot_start[s] and
+    slot_start[s] + l - 1 <= t (paper eq. 7 with document-relative positions). Those slots are
+    exactly [kstart_t, kend_t); empty ranges have kend == kstart.
+    """
+    b, t = doc_start_BT.shape
+    big = jnp.iinfo(jnp.int32).max
+    starts = jnp.where(slot_start_BTc >= 0, slot_start_BTc, big).astype(jnp.int32)
+    last_start = jnp.arange(t, dtype=jnp.int32) - (compress_block - 1)  # latest visible slot start
+    search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
+    kstart = search(starts, doc_start_BT.astype(jnp.int32), "left")
+    kend = search(starts, jnp.broadcast_to(last_start, (b, t)), "right")
+    return kstart.astype(jnp.int32), jnp.maximum(kend, kstart).astype(jnp.int32)
+
+
+def window_ranges(doc_start_BT, window: int):
+    """Key ranges of the sliding window: keys [max(doc_start_t, t - w + 1), t], int32 [B, T]."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    t = jnp.arange(doc_start_BT.shape[1], dtype=jnp.int32)
+    kstart = jnp.maximum(doc_start_BT.astype(jnp.int32), t - window + 1)
+    return kstart, jnp.broadcast_to(t + 1, doc_start_BT.shape)
+
+
+def row_ranges(kstart, kend, group: int, num_rows: int, num_keys: int):
+    """Per-position ranges [B, P] -> per-row table [B, 2, R] int32 (kstart, kend), clipped to
+    [0, num_keys]. Rows past P * G see nothing: they get the empty range [m, m), m the last
+    position's max(kstart, kend), which keeps both columns non-decreasing."""
+    per_row = [jnp.repeat(jnp.clip(x, 0, num_keys).astype(jnp.int32), group, axis=1)
+               for x in (kstart, kend)]
+    table = jnp.stack(per_row, axis=1)[:, :, :num_rows]
+    pad = num_rows - table.shape[2]
+    if pad:
+        last = jnp.maximum(table[:, 0, -1], table[:, 1, -1])
+        table = jnp.concatenate(
+            [table, jnp.broadcast_to(last[:, None, None], (table.shape[0], 2, pad))], axis=2)
+    return table
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(q_rows, k, v, kstart, kend, *, group: int, scale: float):
+    """Dense-mask float32 range attention (the spec in code, O(R * S) memory): same arguments
+    and results as `range_attention`. Gradients are exact and finite for empty rows."""
+    b, hkv, r, _ = q_rows.shape
+    s = k.shape[1]
+    table = row_ranges(kstart, kend, group, r, s)
+    keys = jnp.arange(s)
+    visible = (keys >= table[:, 0, :, None]) & (keys < table[:, 1, :, None])  # [B, R, S]
+    visible = visible[:, None]
+    logits = jnp.einsum("bhrd,bshd->bhrs", q_rows.astype(jnp.float32), k.astype(jnp.float32),
+                        precision="highest") * scale
+    row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)
+    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    p = jnp.exp(jnp.where(visible, logits - row_max, -jnp.inf))
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    seen = total > 0
+    safe_total = jnp.where(seen, total, 1.0)
+    o = jnp.einsum("bhrs,bshd->bhrd", p / safe_total, v.astype(jnp.float32),
+                   precision="highest")
+    lse = jnp.where(seen, row_max + jnp.log(safe_total), -jnp.inf)[..., 0]
+    return o.astype(q_rows.dtype), lse
+
+
+# ----------------------------------------------------------------------------- kernel pieces
+
+
+def _sync(barrier):
+    """Rendezvous of both compute warpgroups on a barrier of two arrivals."""
+    plgpu.barrier_arrive(barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def _key_steps(ranges_ref, batch, row0, num_rows, block):
+    """(first key tile, number of key tiles) covering rows [row0, row0 + num_rows): from the first
+    row's kstart to the last row's kend, which bound all others as ranges are non-decreasing."""
+    lo = ranges_ref[batch, 0, row0]
+    hi = ranges_ref[batch, 1, row0 + num_rows - 1]
+    first = lax.div(lo, block)
+    steps = jnp.where(hi > lo, lax.div(hi + block - 1, block) - first, 0)
+    return first, steps
+
+
+def _unmasked_steps(ranges_ref, batch, rows, first, steps, block):
+    """[head, tail): the steps whose key tile lies inside the range of every row of the
+    warpgroup (largest kstart = last row's, smallest kend = first row's), which need no mask."""
+    base = first * block
+    inner_lo = jnp.maximum(ranges_ref[batch, 0, rows + BLOCK_ROWS - 1] - base, 0)
+    inner_hi = jnp.maximum(ranges_ref[batch, 1, rows] - base, 0)
+    head = jnp.minimum(lax.div(inner_lo + block - 1, block), steps)
+    tail = jnp.clip(lax.div(inner_hi, block), head, steps)
+    return head, tail
+
+
+def _row_vectors(ranges_ref, batch, rows):
+    """kstart, kend of rows [rows, rows + 64) as per-accumulator-row vectors."""
+    load = lambda col: plgpu.load(ranges_ref.at[batch, col, pl.ds(rows, BLOCK_ROWS)],
+                                  layout=ROW, optimized=False)
+    return load(0), load(1)
+
+
+def _mask_rows(s, kstart, kend, key0):
+    """s [64, block] with entries outside each row's [kstart, kend) set to -inf."""
+    shape = s.shape
+    keys = key0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA)
+    inside = ((keys >= lax.broadcast_in_dim(kstart, shape, [0]))
+              & (keys < lax.broadcast_in_dim(kend, shape, [0])))
+    return jnp.where(inside, s, -jnp.inf)
+
+
+def _produce(steps, stages, copies):
+    """The producer warpgroup's loop: step i's tiles go to ring slot i % stages, each once its
+    consumers have released the slot. `copies` is a list of (released barriers or None,
+    copy(step, slot)); the first `stages` steps need no release."""
+    for i in range(stages):
+        @pl.when(i < steps)
+        def _prime():
+            for _, copy in copies:
+                copy(i, i)
+
+    @pl.loop(stages, steps)
+    def _refill(i):
+        slot = lax.rem(i, stages)
+        for released, copy in copies:
+            plgpu.barrier_wait(released.at[slot])
+            copy(i, slot)
+
+
+def _compute_wg_then_producer(wg, compute, produce):
+    """FA3's register split: compute warpgroups take registers from the producer."""
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        compute()
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _produce():
+        plgpu.set_max_registers(40, action="decrease")
+        produce()
+
+
+def _kernel_call(body, *, out_type, scratch, grid, interpret):
+    return plgpu.kernel(
+        body, out_type=out_type, scratch_types=scratch, grid=grid,
+        grid_names=("rows", "heads", "batch"), num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=common.interpret_params() if interpret else None)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
+    """Forward kernel: (o_rows [B, Hkv, R, Dv] q's dtype, lse_rows [B, Hkv, R] float32, base e)."""
+    b, hkv, r, dk = q_rows.shape
+    dv = v.shape[-1]
+    dtype = q_rows.dtype
+    block, stages = tiling.block_kv, tiling.stages
+    num_programs = r // ROW_ALIGN
+    logit_scale = scale * LOG2E  # scores in base 2: exp2 with the scale folded in
+
+    def body(q_ref, k_ref, v_ref, ranges_ref, o_ref, lse_ref, smem, barriers):
+        q_smem, o_smem, k_smem, v_smem, lse_smem, p_staging = smem
+        o_smem = q_smem if o_smem is None else o_smem  # o reuses q's buffer when Dk == Dv
+        q_bar, k_bar, v_bar, k_free, v_free, schedule = barriers
+        bi, hi, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        # Longest programs first: a compressed row's range grows with its position.
+        row0 = (num_programs - 1 - lax.axis_index("rows")) * ROW_ALIGN
+        first, steps = _key_steps(ranges_ref, bi, row0, ROW_ALIGN, block)
+
+        def compute():
+            rows = row0 + wg * BLOCK_ROWS
+            q_tile, o_tile = q_smem.at[wg], o_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, pl.ds(rows, BLOCK_ROWS)], q_tile,
+                                    q_bar.at[wg])
+            kstart, kend = _row_vectors(ranges_ref, bi, rows)
+            head, tail = _unmasked_steps(ranges_ref, bi, rows, first, steps, block)
+            acc = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS, dv), jnp.float32), WGMMA)
+            row_max = plgpu.layout_cast(jnp.full((BLOCK_ROWS,), MAX_FLOOR, jnp.float32), ROW)
+            total = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS,), jnp.float32), ROW)
+            plgpu.barrier_wait(q_bar.at[wg])
+
+            @pl.when(steps > 0)
+            def _():
+                plgpu.barrier_wait(k_bar.at[0])
+
+            pl.when(wg == 1)(lambda: _sync(schedule))  # ping-pong: warpgroup 1 starts behind
+
+            def step(i, carry, masked):
+                acc, row_max, total = carry
+                slot = lax.rem(i, stages)
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                    _sync(schedule)
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((BLOCK_ROWS, block), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    s = _mask_rows(s, kstart, kend, (first + i) * block)
+                new_max = jnp.maximum(row_max, s.max(axis=1) * logit_scale)
+                rescale = jnp.exp2(row_max - new_max)
+                p = jnp.exp2(s * logit_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
+                acc *= lax.broadcast_in_dim(rescale, acc.shape, [0])
+                total = total * rescale + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may mma
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(schedule)
+
+                def next_k():
+                    @pl.when(i + 1 < steps)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, stages)])
+
+                acc = common.mma(acc, p16, v_smem.at[slot], interpret=interpret,
+                                 staging=None if p_staging is None else p_staging.at[wg],
+                                 during=next_k)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, new_max, total
+
+            carry = (acc, row_max, total)
+            carry = lax.fori_loop(0, head, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(head, tail, functools.partial(step, masked=False), carry)
+            acc, row_max, total = lax.fori_loop(tail, steps, functools.partial(step, masked=True),
+                                                carry)
+            pl.when(wg == 0)(lambda: _sync(schedule))
+
+            seen = total > 0
+            inverse = 1.0 / jnp.where(seen, total, 1.0)
+            o_tile[...] = (acc * lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(dtype)
+            lse_smem.at[wg][...] = jnp.where(
+                seen, row_max * LN2 + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_tile, o_ref.at[bi, hi, pl.ds(rows, BLOCK_ROWS)])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(rows, BLOCK_ROWS)])
+            plgpu.wait_smem_to_gmem(0)
+
+        def produce():
+            def load(ref, smem, bar):
+                def copy(i, slot):
+                    plgpu.copy_gmem_to_smem(ref.at[bi, pl.ds((first + i) * block, block), hi],
+                                            smem.at[slot], bar.at[slot])
+                return copy
+
+            _produce(steps, stages, [(k_free, load(k_ref, k_smem, k_bar)),
+                                     (v_free, load(v_ref, v_smem, v_bar))])
+
+        _compute_wg_then_producer(wg, compute, produce)
+
+    def entry(q_ref, k_ref, v_ref, ranges_ref, o_ref, lse_ref):
+        q_smem = common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dk), dtype)
+        o_smem = None if dk == dv else common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dv), dtype)
+        smem = (q_smem, o_smem,
+                common.tiled_smem((stages, block, dk), dtype),
+                common.tiled_smem((stages, block, dv), dtype),
+                plgpu.SMEM((COMPUTE_WGS, BLOCK_ROWS), jnp.float32),
+                common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, block), dtype) if interpret else None)
+        ring = plgpu.Barrier(num_barriers=stages)
+        released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+        barriers = (plgpu.Barrier(num_barriers=COMPUTE_WGS), ring, ring, released, released,
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+        pl.run_scoped(functools.partial(body, q_ref, k_ref, v_ref, ranges_ref, o_ref, lse_ref),
+                      smem, barriers, collective_axes="wg")
+
+    out_type = (jax.ShapeDtypeStruct((b, hkv, r, dv), dtype),
+                jax.ShapeDtypeStruct((b, hkv, r), jnp.float32))
+    return _kernel_call(entry, out_type=out_type, scratch=(), grid=(num_programs, hkv, b),
+                        interpret=interpret)(q_rows, k, v, ranges)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _check_args(q_rows, k, v, kstart, kend, group, scale):
+    if q_rows.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q_rows [B, Hkv, R, Dk], k [B, S, Hkv, Dk], v [B, S, Hkv, Dv] must be "
+                         f"4-D, got {q_rows.shape}, {k.shape}, {v.shape}")
+    b, hkv, r, dk = q_rows.shape
+    if k.shape != (b, k.shape[1], hkv, dk) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k {k.shape} must be [B={b}, S, Hkv={hkv}, Dk={dk}] and v {v.shape} "
+                         f"[B, S, Hkv, Dv] with the same B, S, Hkv")
+    dtypes = {jnp.dtype(x.dtype) for x in (q_rows, k, v)}
+    if len(dtypes) != 1 or dtypes.pop() not in SUPPORTED_DTYPES:
+        raise ValueError(f"q_rows, k, v must share one dtype, bfloat16 or float16 (float32 runs on "
+                         f"the Triton or xla paths), got {q_rows.dtype}, {k.dtype}, {v.dtype}")
+    for name, d in (("Dk", dk), ("Dv", v.shape[3])):
+        if d % 64 or not 64 <= d <= 256:
+            raise ValueError(f"head dim {name} must be 64, 128, 192 or 256, got {d}")
+    if r == 0 or r % ROW_ALIGN:
+        raise ValueError(f"q_rows must have a positive multiple of {ROW_ALIGN} rows (use to_rows), "
+                         f"got {r}")
+    if (kstart.ndim != 2 or kstart.shape != kend.shape or kstart.shape[0] != b
+            or not jnp.issubdtype(kstart.dtype, jnp.integer)
+            or not jnp.issubdtype(kend.dtype, jnp.integer)):
+        raise ValueError(f"kstart and kend must be integer [B={b}, P], got {kstart.shape} "
+                         f"{kstart.dtype} and {kend.shape} {kend.dtype}")
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive int (query heads per KV head), got {group!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+
+
+def _pad_keys(x, multiple):
+    """Zero keys up to a whole number of key tiles (at least one): every TMA box is in bounds."""
+    s = x.shape[1]
+    pad = max(-(-s // multiple), 1) * multiple - s
+    return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+
+
+def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
+                    tiling: RangeTiling | None = None, interpret: bool = False):
+    """Attention of every query row over its own key range [kstart, kend) on Hopper.
+
+    Args:
+      q_rows: [B, Hkv, R, Dk] grouped rows (`to_rows`), R a multiple of 128.
+      k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; q_rows, k, v one dtype, bfloat16 or float16;
+        Dk, Dv in {64, 128, 192, 256} (up to SMEM, see `RangeTiling.check_smem`).
+      kstart, kend: int [B, P]: position p sees keys [kstart[p], kend[p]) (clipped to [0, S]).
+        Both must be non-decreasing in p (true of `compressed_ranges` and `window_ranges`); rows
+        past position P - 1 see nothing.
+      group: G, query heads per KV head (row r is position r // G).
+      scale: logit scale (usually 1 / sqrt(Dk)).
+      tiling: tile sizes (default `RangeTiling.for_head_dims(Dk, Dv)`).
+      interpret: run in Mosaic GPU interpret mode (CPU, race detection) instead of compiling.
+
+    Returns:
+      o_rows [B, Hkv, R, Dv] in q's dtype and lse_rows [B, Hkv, R] float32 (natural log); a row
+      whose range is empty gets o = 0 and lse = -inf exactly.
+
+    Raises:
+      ValueError: on shapes, dtypes, group, scale or tiles (SMEM) the kernels cannot take.
+    """
+    _check_args(q_rows, k, v, kstart, kend, group, scale)
+    dk, dv = q_rows.shape[3], v.shape[3]
+    tiling = tiling or RangeTiling.for_head_dims(dk, dv)
+    tiling.check_smem(dk, dv, q_rows.dtype)
+    ranges = row_ranges(kstart, kend, group, q_rows.shape[2], k.shape[1])
+    k, v = (_pad_keys(x, tiling.key_multiple) for x in (k, v))
+    return _forward(q_rows, k, v, ranges, scale=float(scale), tiling=tiling, interpret=interpret)
