@@ -42,6 +42,7 @@ LN2 = math.log(2.0)
 MAX_FLOOR = -1e30
 WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -251,19 +252,22 @@ def _row_vectors(ranges_ref, batch, rows):
     return load(0), load(1)
 
 
-def _mask_rows(s, kstart, kend, key0):
-    """s [64, block] with entries outside each row's [kstart, kend) set to -inf."""
-    shape = s.shape
-    keys = key0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA)
-    inside = ((keys >= lax.broadcast_in_dim(kstart, shape, [0]))
-              & (keys < lax.broadcast_in_dim(kend, shape, [0])))
-    return jnp.where(inside, s, -jnp.inf)
+def _mask(x, kstart, kend, key0, key_axis):
+    """x with entries outside their query row's [kstart, kend) set to -inf. Keys (numbered from
+    key0) run along `key_axis` of x, query rows along the other, which kstart and kend follow."""
+    shape = x.shape
+    keys = key0 + plgpu.broadcasted_iota(jnp.int32, shape, key_axis, layout=WGMMA)
+    row_axis = [1 - key_axis]
+    inside = ((keys >= lax.broadcast_in_dim(kstart, shape, row_axis))
+              & (keys < lax.broadcast_in_dim(kend, shape, row_axis)))
+    return jnp.where(inside, x, -jnp.inf)
 
 
 def _produce(steps, stages, copies):
     """The producer warpgroup's loop: step i's tiles go to ring slot i % stages, each once its
-    consumers have released the slot. `copies` is a list of (released barriers or None,
-    copy(step, slot)); the first `stages` steps need no release."""
+    consumers have released the slot. `copies` is a list of (released barriers, copy(step,
+    slot)) in issue order; None shares the release of the copy before it. The first `stages`
+    steps need no release."""
     for i in range(stages):
         @pl.when(i < steps)
         def _prime():
@@ -274,8 +278,30 @@ def _produce(steps, stages, copies):
     def _refill(i):
         slot = lax.rem(i, stages)
         for released, copy in copies:
-            plgpu.barrier_wait(released.at[slot])
+            if released is not None:
+                plgpu.barrier_wait(released.at[slot])
             copy(i, slot)
+
+    # Observe the last `stages` releases too: every waiter must see every phase of a barrier
+    # (interpret mode checks it), and the parity it tracks stays exact.
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _drain(i):
+        for released, _ in copies:
+            if released is not None:
+                plgpu.barrier_wait(released.at[lax.rem(i, stages)])
+
+
+def _produce_key_tiles(*rings, batch, head, first, steps, block, stages):
+    """Producer of the row-tile kernels: key tile first + i of every (gmem ref, SMEM ring, loaded
+    barriers, released barriers) ring into slot i % stages."""
+    def copier(ref, smem, loaded):
+        def copy(i, slot):
+            plgpu.copy_gmem_to_smem(ref.at[batch, pl.ds((first + i) * block, block), head],
+                                    smem.at[slot], loaded.at[slot])
+        return copy
+
+    _produce(steps, stages, [(released, copier(ref, smem, loaded))
+                             for ref, smem, loaded, released in rings])
 
 
 def _compute_wg_then_producer(wg, compute, produce):
@@ -291,10 +317,17 @@ def _compute_wg_then_producer(wg, compute, produce):
         produce()
 
 
-def _kernel_call(body, *, out_type, scratch, grid, interpret):
+def _with_scratch(body, smem, barriers):
+    """Kernel entry: body(*gmem refs, smem refs, barrier refs), scratch shared by all warpgroups."""
+    def entry(*refs):
+        pl.run_scoped(functools.partial(body, *refs), smem, barriers, collective_axes="wg")
+    return entry
+
+
+def _kernel_call(body, *, out_type, grid, interpret, tiles="rows"):
+    """The grid is (tiles, Hkv, B); one producer and COMPUTE_WGS compute warpgroups."""
     return plgpu.kernel(
-        body, out_type=out_type, scratch_types=scratch, grid=grid,
-        grid_names=("rows", "heads", "batch"), num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        body, out_type=out_type, grid=grid, grid_names=(tiles, "heads", "batch"), num_threads=COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=common.interpret_params() if interpret else None)
 
@@ -350,7 +383,7 @@ def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
                 s = pl.run_scoped(qk, plgpu.ACC((BLOCK_ROWS, block), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    s = _mask_rows(s, kstart, kend, (first + i) * block)
+                    s = _mask(s, kstart, kend, (first + i) * block, key_axis=1)
                 new_max = jnp.maximum(row_max, s.max(axis=1) * logit_scale)
                 rescale = jnp.exp2(row_max - new_max)
                 p = jnp.exp2(s * logit_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
@@ -389,37 +422,274 @@ def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(rows, BLOCK_ROWS)])
             plgpu.wait_smem_to_gmem(0)
 
+        produce = functools.partial(
+            _produce_key_tiles, (k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free),
+            batch=bi, head=hi, first=first, steps=steps, block=block, stages=stages)
+        _compute_wg_then_producer(wg, compute, produce)
+
+    smem = (common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dk), dtype),
+            None if dk == dv else common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dv), dtype),
+            common.tiled_smem((stages, block, dk), dtype),
+            common.tiled_smem((stages, block, dv), dtype),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_ROWS), jnp.float32),
+            common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, block), dtype) if interpret else None)
+    ring = plgpu.Barrier(num_barriers=stages)
+    released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+    barriers = (plgpu.Barrier(num_barriers=COMPUTE_WGS), ring, ring, released, released,
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+    out_type = (jax.ShapeDtypeStruct((b, hkv, r, dv), dtype),
+                jax.ShapeDtypeStruct((b, hkv, r), jnp.float32))
+    return _kernel_call(_with_scratch(body, smem, barriers), out_type=out_type,
+                        grid=(num_programs, hkv, b),
+                        interpret=interpret)(q_rows, k, v, ranges)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
+    """dQ kernel over row tiles x the key tiles they see: dq_rows [B, Hkv, R, Dk] in q's dtype.
+    stats [B, Hkv, 2, R] float32 holds per row lse * log2(e) (0 where lse = -inf) and delta."""
+    b, hkv, r, dk = q_rows.shape
+    dv = v.shape[-1]
+    dtype = q_rows.dtype
+    block, stages = tiling.block_kv_dq, tiling.stages_dq
+    num_programs = r // ROW_ALIGN
+    logit_scale = scale * LOG2E
+
+    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, ranges_ref, dq_ref, smem, barriers):
+        q_smem, do_smem, k_smem, v_smem, ds_staging = smem
+        q_bar, do_bar, k_bar, v_bar, k_free, v_free = barriers
+        bi, hi, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        row0 = (num_programs - 1 - lax.axis_index("rows")) * ROW_ALIGN
+        first, steps = _key_steps(ranges_ref, bi, row0, ROW_ALIGN, block)
+
+        def compute():
+            rows = row0 + wg * BLOCK_ROWS
+            tile = pl.ds(rows, BLOCK_ROWS)
+            q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, tile], q_tile, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, tile], do_tile, do_bar.at[wg])
+            lse2, delta = (plgpu.load(stats_ref.at[bi, hi, i, tile], layout=ROW, optimized=False)
+                           for i in (0, 1))
+            kstart, kend = _row_vectors(ranges_ref, bi, rows)
+            head, tail = _unmasked_steps(ranges_ref, bi, rows, first, steps, block)
+            dq = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS, dk), jnp.float32), WGMMA)
+            plgpu.barrier_wait(q_bar.at[wg])
+            plgpu.barrier_wait(do_bar.at[wg])
+
+            def step(i, dq, masked):
+                slot = lax.rem(i, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                s = common.matmul(q_tile, k_smem.at[slot].transpose((1, 0)), (BLOCK_ROWS, block))
+                logits = s * logit_scale - lax.broadcast_in_dim(lse2, s.shape, [0])
+                if masked:
+                    logits = _mask(logits, kstart, kend, (first + i) * block, key_axis=1)
+                p = jnp.exp2(logits)
+                plgpu.barrier_wait(v_bar.at[slot])
+                dp = common.matmul(do_tile, v_smem.at[slot].transpose((1, 0)), (BLOCK_ROWS, block))
+                plgpu.barrier_arrive(v_free.at[slot])
+                ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                dq = common.mma(dq, ds.astype(dtype), k_smem.at[slot], interpret=interpret,
+                                staging=None if ds_staging is None else ds_staging.at[wg])
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            dq = lax.fori_loop(0, head, functools.partial(step, masked=True), dq)
+            dq = lax.fori_loop(head, tail, functools.partial(step, masked=False), dq)
+            dq = lax.fori_loop(tail, steps, functools.partial(step, masked=True), dq)
+            q_tile[...] = (dq * scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[bi, hi, tile])
+            plgpu.wait_smem_to_gmem(0)
+
+        produce = functools.partial(
+            _produce_key_tiles, (k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free),
+            batch=bi, head=hi, first=first, steps=steps, block=block, stages=stages)
+        _compute_wg_then_producer(wg, compute, produce)
+
+    smem = (common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dk), dtype),
+            common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dv), dtype),
+            common.tiled_smem((stages, block, dk), dtype),
+            common.tiled_smem((stages, block, dv), dtype),
+            common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, block), dtype) if interpret else None)
+    ring = plgpu.Barrier(num_barriers=stages)
+    released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+    loaded = plgpu.Barrier(num_barriers=COMPUTE_WGS)
+    barriers = (loaded, loaded, ring, ring, released, released)
+    return _kernel_call(_with_scratch(body, smem, barriers), out_type=q_rows,
+                        grid=(num_programs, hkv, b),
+                        interpret=interpret)(q_rows, k, v, do_rows, stats, ranges)
+
+
+def _key_tile_rows(ranges, num_programs: int, block: int):
+    """[B, programs, 2 + 2 * COMPUTE_WGS] int32 for the dK/dV programs (program j owns keys
+    [j * 2 * block, (j + 1) * 2 * block), warpgroup w the w-th `block` of them): the rows
+    [lo, hi) that see any of its keys, then per warpgroup the rows [inner_lo, inner_hi) whose
+    range holds all of its keys (no mask needed). Ranges are non-decreasing, so both are
+    contiguous and a binary search finds them."""
+    kstart, kend = ranges[:, 0], ranges[:, 1]
+    key0 = jnp.arange(num_programs, dtype=jnp.int32) * (COMPUTE_WGS * block)
+    search = jax.vmap(jnp.searchsorted, in_axes=(0, None, None))
+    cols = [search(kend, key0, "right"), search(kstart, key0 + COMPUTE_WGS * block, "left")]
+    for w in range(COMPUTE_WGS):
+        first_key = key0 + w * block
+        cols += [search(kend, first_key + block, "left"), search(kstart, first_key, "right")]
+    return jnp.stack(cols, axis=-1).astype(jnp.int32)
+
+
+def _dkv(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
+    """dK/dV kernel over key tiles x the row tiles that see them, rows split over
+    tiling.dkv_splits programs: float32 partials dk [splits, B, S, Hkv, Dk], dv [..., Dv]."""
+    b, hkv, r, dk = q_rows.shape
+    s, dv = k.shape[1], v.shape[-1]
+    dtype = q_rows.dtype
+    block, rows_block = tiling.block_kv_dkv, tiling.block_rows_dkv
+    stages, splits = tiling.stages_dkv, tiling.dkv_splits
+    num_programs = s // (COMPUTE_WGS * block)
+    table = _key_tile_rows(ranges, num_programs, block)
+    logit_scale = scale * LOG2E
+
+    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, ranges_ref, table_ref, dk_ref, dv_ref,
+             smem, barriers):
+        (k_smem, v_smem, q_smem, do_smem, stats_smem, ranges_smem, (dk_out, dv_out),
+         staging) = smem
+        k_bar, v_bar, q_bar, do_bar, stats_bar, ranges_bar, q_free, do_free, both = barriers
+        bi, hi, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        program, split = lax.div(lax.axis_index("keys"), splits), lax.rem(lax.axis_index("keys"),
+                                                                          splits)
+        row_lo, row_hi = table_ref[bi, program, 0], table_ref[bi, program, 1]
+        tile0 = lax.div(row_lo, rows_block)
+        tiles = jnp.where(row_hi > row_lo, lax.div(row_hi + rows_block - 1, rows_block) - tile0, 0)
+        first = tile0 + lax.div(split * tiles, splits)
+        steps = tile0 + lax.div((split + 1) * tiles, splits) - first
+
+        def compute():
+            key0 = (program * COMPUTE_WGS + wg) * block
+            keys = pl.ds(key0, block)
+            k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hi], k_tile, k_bar.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, hi], v_tile, v_bar.at[wg])
+            inner_lo = table_ref[bi, program, 2 + 2 * wg]
+            inner_hi = table_ref[bi, program, 3 + 2 * wg]
+            head = jnp.clip(lax.div(inner_lo + rows_block - 1, rows_block) - first, 0, steps)
+            tail = jnp.clip(lax.div(inner_hi, rows_block) - first, head, steps)
+            dk_acc = plgpu.layout_cast(jnp.zeros((block, dk), jnp.float32), WGMMA)
+            dv_acc = plgpu.layout_cast(jnp.zeros((block, dv), jnp.float32), WGMMA)
+            plgpu.barrier_wait(k_bar.at[wg])
+            plgpu.barrier_wait(v_bar.at[wg])
+            stage = None if staging is None else staging.at[wg]
+
+            def step(i, carry, masked):
+                dk_acc, dv_acc = carry
+                slot = lax.rem(i, stages)
+                plgpu.barrier_wait(q_bar.at[slot])
+                plgpu.barrier_wait(stats_bar.at[slot])
+                plgpu.barrier_wait(ranges_bar.at[slot])
+                lse2, delta, kstart, kend = (
+                    plgpu.load(ref.at[slot, j], layout=COL)
+                    for ref, j in ((stats_smem, 0), (stats_smem, 1), (ranges_smem, 0),
+                                   (ranges_smem, 1)))
+                s_t = common.matmul(k_tile, q_smem.at[slot].transpose((1, 0)), (block, rows_block))
+                logits = s_t * logit_scale - lax.broadcast_in_dim(lse2, s_t.shape, [1])
+                if masked:
+                    logits = _mask(logits, kstart, kend, key0, key_axis=0)
+                p_t = jnp.exp2(logits)
+                plgpu.barrier_wait(do_bar.at[slot])
+                dv_acc = common.mma(dv_acc, p_t.astype(dtype), do_smem.at[slot],
+                                    interpret=interpret, staging=stage)
+                dp_t = common.matmul(v_tile, do_smem.at[slot].transpose((1, 0)),
+                                     (block, rows_block))
+                plgpu.barrier_arrive(do_free.at[slot])
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                dk_acc = common.mma(dk_acc, ds_t.astype(dtype), q_smem.at[slot],
+                                    interpret=interpret, staging=stage)
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dk_acc, dv_acc
+
+            carry = (dk_acc, dv_acc)
+            carry = lax.fori_loop(0, head, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(head, tail, functools.partial(step, masked=False), carry)
+            dk_acc, dv_acc = lax.fori_loop(tail, steps, functools.partial(step, masked=True),
+                                           carry)
+            dk_out.at[wg][...] = dk_acc * scale
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dk_out.at[wg], dk_ref.at[split, bi, keys, hi])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            _sync(both)  # dV's staging overlaps dK's: wait until both warpgroups' dK has left
+            dv_out.at[wg][...] = dv_acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dv_out.at[wg], dv_ref.at[split, bi, keys, hi])
+            plgpu.wait_smem_to_gmem(0)
+
         def produce():
-            def load(ref, smem, bar):
+            def copier(ref, smem, loaded, at):
                 def copy(i, slot):
-                    plgpu.copy_gmem_to_smem(ref.at[bi, pl.ds((first + i) * block, block), hi],
-                                            smem.at[slot], bar.at[slot])
+                    plgpu.copy_gmem_to_smem(ref.at[at(pl.ds((first + i) * rows_block,
+                                                            rows_block))],
+                                            smem.at[slot], loaded.at[slot])
                 return copy
 
-            _produce(steps, stages, [(k_free, load(k_ref, k_smem, k_bar)),
-                                     (v_free, load(v_ref, v_smem, v_bar))])
+            row_tile = lambda rows: (bi, hi, rows)
+            _produce(steps, stages, [
+                (q_free, copier(q_ref, q_smem, q_bar, row_tile)),
+                (None, copier(stats_ref, stats_smem, stats_bar, lambda rows: (bi, hi, slice(None),
+                                                                              rows))),
+                (None, copier(ranges_ref, ranges_smem, ranges_bar,
+                              lambda rows: (bi, slice(None), rows))),
+                (do_free, copier(do_ref, do_smem, do_bar, row_tile))])
 
         _compute_wg_then_producer(wg, compute, produce)
 
-    def entry(q_ref, k_ref, v_ref, ranges_ref, o_ref, lse_ref):
-        q_smem = common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dk), dtype)
-        o_smem = None if dk == dv else common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dv), dtype)
-        smem = (q_smem, o_smem,
-                common.tiled_smem((stages, block, dk), dtype),
-                common.tiled_smem((stages, block, dv), dtype),
-                plgpu.SMEM((COMPUTE_WGS, BLOCK_ROWS), jnp.float32),
-                common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, block), dtype) if interpret else None)
-        ring = plgpu.Barrier(num_barriers=stages)
-        released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
-        barriers = (plgpu.Barrier(num_barriers=COMPUTE_WGS), ring, ring, released, released,
-                    plgpu.Barrier(num_arrivals=COMPUTE_WGS))
-        pl.run_scoped(functools.partial(body, q_ref, k_ref, v_ref, ranges_ref, o_ref, lse_ref),
-                      smem, barriers, collective_axes="wg")
+    staging_rows = (COMPUTE_WGS, block)
+    smem = (common.tiled_smem((COMPUTE_WGS, block, dk), dtype),
+            common.tiled_smem((COMPUTE_WGS, block, dv), dtype),
+            common.tiled_smem((stages, rows_block, dk), dtype),
+            common.tiled_smem((stages, rows_block, dv), dtype),
+            plgpu.SMEM((stages, 2, rows_block), jnp.float32),
+            plgpu.SMEM((stages, 2, rows_block), jnp.int32),
+            plgpu.RefUnion(common.tiled_smem((*staging_rows, dk), jnp.float32),
+                           common.tiled_smem((*staging_rows, dv), jnp.float32)),
+            common.tiled_smem((*staging_rows, rows_block), dtype) if interpret else None)
+    loaded = plgpu.Barrier(num_barriers=COMPUTE_WGS)
+    ring = plgpu.Barrier(num_barriers=stages)
+    released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+    barriers = (loaded, loaded, ring, ring, ring, ring, released, released,
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+    out_type = (jax.ShapeDtypeStruct((splits, b, s, hkv, dk), jnp.float32),
+                jax.ShapeDtypeStruct((splits, b, s, hkv, dv), jnp.float32))
+    return _kernel_call(_with_scratch(body, smem, barriers), out_type=out_type,
+                        grid=(num_programs * splits, hkv, b), tiles="keys",
+                        interpret=interpret)(q_rows, k, v, do_rows, stats, ranges, table)
 
-    out_type = (jax.ShapeDtypeStruct((b, hkv, r, dv), dtype),
-                jax.ShapeDtypeStruct((b, hkv, r), jnp.float32))
-    return _kernel_call(entry, out_type=out_type, scratch=(), grid=(num_programs, hkv, b),
-                        interpret=interpret)(q_rows, k, v, ranges)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q_rows, k, v, ranges, scale, tiling, interpret):
+    return _forward(q_rows, k, v, ranges, scale=scale, tiling=tiling, interpret=interpret)
+
+
+def _attention_fwd(q_rows, k, v, ranges, scale, tiling, interpret):
+    o_rows, lse_rows = _forward(q_rows, k, v, ranges, scale=scale, tiling=tiling,
+                                interpret=interpret)
+    return (o_rows, lse_rows), (q_rows, k, v, ranges, o_rows, lse_rows)
+
+
+def _attention_bwd(scale, tiling, interpret, residuals, cotangents):
+    """No atomics, deterministic. lse is an output too: dS = P * (dP - delta) with
+    delta = rowsum(o * do) - dlse."""
+    q_rows, k, v, ranges, o_rows, lse_rows = residuals
+    do_rows, dlse_rows = cotangents
+    delta = jnp.sum(o_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1) - dlse_rows
+    lse2 = jnp.where(jnp.isfinite(lse_rows), lse_rows * LOG2E, 0.0)  # empty rows: P = 0 anyway
+    stats = jnp.stack([lse2, delta], axis=2)
+    args = (q_rows, k, v, do_rows.astype(q_rows.dtype), stats, ranges)
+    opts = dict(scale=scale, tiling=tiling, interpret=interpret)
+    dq = _dq(*args, **opts)
+    dk, dv = _dkv(*args, **opts)
+    return dq, dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -450,8 +720,8 @@ def _check_args(q_rows, k, v, kstart, kend, group, scale):
                          f"{kstart.dtype} and {kend.shape} {kend.dtype}")
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be a positive int (query heads per KV head), got {group!r}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
 
 
 def _pad_keys(x, multiple):
@@ -490,4 +760,4 @@ def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
     tiling.check_smem(dk, dv, q_rows.dtype)
     ranges = row_ranges(kstart, kend, group, q_rows.shape[2], k.shape[1])
     k, v = (_pad_keys(x, tiling.key_multiple) for x in (k, v))
-    return _forward(q_rows, k, v, ranges, scale=float(scale), tiling=tiling, interpret=interpret)
+    return _attention(q_rows, k, v, ranges, float(scale), tiling, interpret)
