@@ -3,13 +3,15 @@ pallas_kernels/gpu/mosaic/range_attention.py) against cuDNN, on an H100/H200.
 
 Run from the repo root:  python -m experiments.bench_range_attention [--quick] [--seq 8192 65536]
     [--shapes paper small-group] [--tiling block_kv=64 stages=3 ...]
-First checks the kernel against nsa_jax.ops' xla implementation at T=8192 (outputs and lse) and,
-at longer T, a slice of rows against a float32 dense reference; exits 1 on any mismatch before
-timing. Then, per (shape, T, branch, documents), times the kernel (median of 10 after warm-up;
-grouped-rows layout in and out, the to_rows / from_rows transposes timed on their own row) and
-cuDNN full causal and sliding-window attention in the same run, prints a markdown table with
-TFLOP/s over visible (query head, key) pairs (4 * pairs * D) and the issue-15 targets, and writes
-$OUT/bench_range_attention.json when OUT is set. --quick: the paper shape at T=8192 only.
+First checks the kernel (o, lse, dq, dk, dv for random cotangents) against nsa_jax.ops' xla
+implementation at T <= 8192 and, at longer T, on the rows of the last 256 positions against a
+float32 dense reference; exits 1 on any mismatch before timing. Then, per (shape, T, branch,
+documents), times forward and forward+backward (median of 10 after warm-up, grouped-rows layout
+in and out; the to_rows / from_rows transposes are timed apart) and cuDNN full causal and
+sliding-window attention in the same run, prints markdown tables with TFLOP/s over visible
+(query head, key) pairs (4 * pairs * D forward, 3.5x that forward+backward) and the issue-15
+targets (pass / MISS), and writes $OUT/bench_range_attention.json when OUT is set.
+--quick: the paper shape at T=8192 only.
 --interpret runs the same script at toy sizes on CPU (interpret mode; cuDNN replaced by xla).
 """
 from __future__ import annotations
@@ -21,7 +23,6 @@ import functools
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -95,13 +96,28 @@ def kernel_fn(p: Problem, tiling, interpret):
                              interpret=interpret)
 
 
+def with_grads(fn):
+    """fn(q, k, v) -> outputs  ==>  (q, k, v, cotangents) -> (outputs, (dq, dk, dv))."""
+    def run(q, k, v, cotangents):
+        outputs, pull = jax.vjp(fn, q, k, v)
+        return outputs, pull(cotangents)
+    return run
+
+
+def random_like(key, tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+                              for k, x in zip(keys, leaves)])
+
+
 def trusted(p: Problem):
-    """o (and lse for the compressed branch) from nsa_jax.ops' xla implementation."""
+    """(q, k, v) -> o (and lse for the compressed branch), nsa_jax.ops' xla implementation."""
     if p.branch == "compressed":
-        return ops.compressed_attention(p.q, p.k, p.v, CFG, segment_ids=p.segment_ids,
-                                        implementation="xla")
-    return (ops.window_attention(p.q, p.k, p.v, CFG, segment_ids=p.segment_ids,
-                                 implementation="xla"),)
+        return lambda q, k, v: ops.compressed_attention(q, k, v, CFG, segment_ids=p.segment_ids,
+                                                        implementation="xla")
+    return lambda q, k, v: (ops.window_attention(q, k, v, CFG, segment_ids=p.segment_ids,
+                                                 implementation="xla"),)
 
 
 def rel(x, y):
@@ -116,66 +132,96 @@ def rel(x, y):
 
 
 def check_full(p: Problem, tiling, interpret):
-    """Kernel vs xla on every row: relative L2 errors of o (and lse)."""
-    t, hq = p.q.shape[1], p.q.shape[2]
-    run = jax.jit(kernel_fn(p, tiling, interpret))
-    o_rows, lse_rows = run(ra.to_rows(p.q, p.k.shape[2]), p.k, p.v, p.kstart, p.kend)
-    got = (ra.from_rows(o_rows, t, hq), ra.from_rows(lse_rows, t, hq))
-    return [rel(x, y) for x, y in zip(got, trusted(p))]
+    """Kernel vs xla on every row, in the ops layout: relative L2 errors of o (and lse), dq,
+    dk, dv for random cotangents."""
+    t, hq, hkv = *p.q.shape[1:3], p.k.shape[2]
+    attention = kernel_fn(p, tiling, interpret)
+
+    def kernel(q, k, v):
+        o_rows, lse_rows = attention(ra.to_rows(q, hkv), k, v, p.kstart, p.kend)
+        out = (ra.from_rows(o_rows, t, hq), ra.from_rows(lse_rows, t, hq))
+        return out if p.branch == "compressed" else out[:1]
+
+    want_fn = jax.jit(with_grads(trusted(p)))
+    cotangents = random_like(jax.random.PRNGKey(7), jax.eval_shape(trusted(p), p.q, p.k, p.v))
+    got = jax.jit(with_grads(kernel))(p.q, p.k, p.v, cotangents)
+    want = want_fn(p.q, p.k, p.v, cotangents)
+    return [rel(x, y) for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
 
 
 def check_slice(p: Problem, tiling, interpret):
-    """Kernel vs the float32 dense reference on the last SLICE_POSITIONS positions' rows (keys cut
-    to what those rows see, so the reference stays small): relative L2 errors of o and lse."""
+    """Kernel vs the float32 dense reference on the rows of the last SLICE_POSITIONS positions,
+    with cotangents only on those rows, so dK and dV come from them alone and the reference needs
+    only the keys they see [lo, hi): relative L2 errors of o, lse, dq, dk, dv, and whether dk, dv
+    are exactly 0 outside [lo, hi) (0 if so, inf if not)."""
     t, g = p.q.shape[1], p.group
     q_rows = ra.to_rows(p.q, p.k.shape[2])
-    o_rows, lse_rows = jax.jit(kernel_fn(p, tiling, interpret))(q_rows, p.k, p.v, p.kstart,
-                                                                 p.kend)
     p0 = t - SLICE_POSITIONS
+    rows = slice(p0 * g, t * g)
     ks, ke = p.kstart[:, p0:], p.kend[:, p0:]
     lo, hi = int(ks.min()), max(int(ke.max()), int(ks.min()) + 1)
-    rows = slice(p0 * g, t * g)
-    want = jax.jit(functools.partial(ra.reference, group=g, scale=p.scale))(
-        q_rows[:, :, rows], p.k[:, lo:hi], p.v[:, lo:hi], ks - lo, ke - lo)
-    return [rel(x[:, :, rows], y) for x, y in zip((o_rows, lse_rows), want)]
+    outputs = jax.eval_shape(kernel_fn(p, tiling, interpret), q_rows, p.k, p.v, p.kstart, p.kend)
+    cotangents = random_like(jax.random.PRNGKey(7), outputs)
+    only_slice = [jnp.zeros_like(c).at[:, :, rows].set(c[:, :, rows]) for c in cotangents]
+    kernel = lambda q, k, v: kernel_fn(p, tiling, interpret)(q, k, v, p.kstart, p.kend)
+    (o, lse), (dq, dk, dv) = jax.jit(with_grads(kernel))(q_rows, p.k, p.v, tuple(only_slice))
+    reference = lambda q, k, v: ra.reference(q, k, v, ks - lo, ke - lo, group=g, scale=p.scale)
+    want = jax.jit(with_grads(reference))(q_rows[:, :, rows], p.k[:, lo:hi], p.v[:, lo:hi],
+                                          tuple(c[:, :, rows] for c in cotangents))
+    got = (o[:, :, rows], lse[:, :, rows], dq[:, :, rows], dk[:, lo:hi], dv[:, lo:hi])
+    outside = [jnp.concatenate([x[:, :lo], x[:, hi:]], axis=1) for x in (dk, dv)]
+    exact_zero = all(bool(jnp.all(x == 0)) for x in outside)
+    return [rel(x, y) for x, y in zip(got, jax.tree.leaves(want))] + [
+        0.0 if exact_zero else float("inf")]
 
 
 def check(p: Problem, tiling, interpret, tol=2e-2):
     t = p.q.shape[1]
-    how = "xla" if t <= CHECK_T else f"reference, last {SLICE_POSITIONS} positions"
-    errs = (check_full if t <= CHECK_T else check_slice)(p, tiling, interpret)
+    full = t <= CHECK_T
+    errs = (check_full if full else check_slice)(p, tiling, interpret)
+    names = ("o/lse/" if p.branch == "compressed" or not full else "o/") + "dq/dk/dv" + (
+        "" if full else "/outside")
     ok = all(e < tol for e in errs)
+    how = "xla" if full else f"reference, last {SLICE_POSITIONS} positions"
     print(f"check {p.branch} T={t} Hq={p.q.shape[2]} Hkv={p.k.shape[2]} "
-          f"packed={p.segment_ids is not None} vs {how}: rel L2 o/lse = "
+          f"packed={p.segment_ids is not None} vs {how}: rel L2 {names} = "
           f"{' '.join(f'{e:.1e}' for e in errs)} {'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
 def baselines(t, hq, hkv, d, interpret):
-    """{"causal" | "window": (fwd ms, visible pairs)} of cuDNN attention without documents (xla
-    when interpreting)."""
+    """{"cudnn causal" | "cudnn window": (fwd ms, fwd+bwd ms, visible pairs)}, without documents
+    (xla when interpreting)."""
     q = jax.random.normal(jax.random.PRNGKey(1), (1, t, hq, d), jnp.bfloat16)
     k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, t, hkv, d), jnp.bfloat16) for i in (2, 3))
     impl = "xla" if interpret else "cudnn"
-    causal = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=impl))
-    window = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, local_window_size=(CFG.window - 1, 0), implementation=impl))
-    pairs_window = hq * sum(min(i + 1, CFG.window) for i in range(t))
-    return {"causal": (median_ms(causal, q, k, v, **TIMING), hq * t * (t + 1) // 2),
-            "window": (median_ms(window, q, k, v, **TIMING), pairs_window)}
+    out = {}
+    for name, window, pairs in (
+            ("cudnn causal", None, hq * t * (t + 1) // 2),
+            ("cudnn window", (CFG.window - 1, 0), hq * sum(min(i + 1, CFG.window) for i in range(t)))):
+        fn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                               local_window_size=window, implementation=impl)
+        do = random_like(jax.random.PRNGKey(4), q)
+        out[name] = (median_ms(jax.jit(fn), q, k, v, **TIMING),
+                     median_ms(jax.jit(with_grads(fn)), q, k, v, do, **TIMING), pairs)
+    return out
 
 
-def tflops(pairs, d, ms):
-    return 4 * pairs * d / ms / 1e9
+def tflops(pairs, d, ms, backward=False):
+    """Over visible pairs: 4 * pairs * D for the forward, 2.5 times that more for the backward."""
+    return 4 * pairs * d * (3.5 if backward else 1.0) / ms / 1e9
 
 
 def time_problem(p: Problem, tiling, interpret):
     q_rows = ra.to_rows(p.q, p.k.shape[2])
-    fwd = jax.jit(kernel_fn(p, tiling, interpret))
-    o_rows, _ = fwd(q_rows, p.k, p.v, p.kstart, p.kend)
+    attention = kernel_fn(p, tiling, interpret)
+    fwd = jax.jit(attention)
+    o_rows, lse_rows = fwd(q_rows, p.k, p.v, p.kstart, p.kend)
+    cotangents = random_like(jax.random.PRNGKey(5), (o_rows, lse_rows))
+    both = jax.jit(with_grads(lambda q, k, v: attention(q, k, v, p.kstart, p.kend)))
     t, hq = p.q.shape[1], p.q.shape[2]
     return {"fwd_ms": median_ms(fwd, q_rows, p.k, p.v, p.kstart, p.kend, **TIMING),
+            "fwd_bwd_ms": median_ms(both, q_rows, p.k, p.v, cotangents, **TIMING),
             "to_rows_ms": median_ms(jax.jit(ra.to_rows, static_argnums=1), p.q, p.k.shape[2],
                                     **TIMING),
             "from_rows_ms": median_ms(jax.jit(ra.from_rows, static_argnums=(1, 2)), o_rows, t,
@@ -243,27 +289,34 @@ def run(shapes, seqs, d, tiling, interpret):
     if not all([check(p, tiling, interpret) for p in problems.values()]):
         sys.exit("range attention disagrees with the trusted path: no timings taken")
     records = []
-    print("\n| shape | T | branch | docs | fwd ms | TFLOP/s | target |\n" + "|---" * 7 + "|",
-          flush=True)
+    print("\n| shape | T | branch | docs | fwd ms | TFLOP/s | target | fwd+bwd ms | TFLOP/s | "
+          "target |\n" + "|---" * 10 + "|", flush=True)
     for (name, t, branch, packed), p in problems.items():
         rec = dict(shape=name, t=t, branch=branch, packed=packed, pairs=p.visible_pairs(),
                    **time_problem(p, tiling, interpret))
         rec["fwd_tflops"] = tflops(rec["pairs"], d, rec["fwd_ms"])
+        rec["fwd_bwd_tflops"] = tflops(rec["pairs"], d, rec["fwd_bwd_ms"], backward=True)
         records.append(rec)
         print(f"| {name} | {t} | {branch} | {DOCS if packed else 1} | {rec['fwd_ms']:.3f} | "
               f"{rec['fwd_tflops']:.0f} | {verdict(name, t, branch, packed, 'fwd', rec['fwd_ms'])} "
-              f"|", flush=True)
-    print("\n| shape | T | cuDNN causal fwd ms | TFLOP/s | cuDNN window fwd ms | TFLOP/s | "
-          "to_rows ms | from_rows ms |\n" + "|---" * 8 + "|", flush=True)
+              f"| {rec['fwd_bwd_ms']:.3f} | {rec['fwd_bwd_tflops']:.0f} | "
+              f"{verdict(name, t, branch, packed, 'fwd+bwd', rec['fwd_bwd_ms'])} |", flush=True)
+    print("\n| shape | T | baseline (no documents) | fwd ms | TFLOP/s | fwd+bwd ms | TFLOP/s |\n"
+          + "|---" * 7 + "|", flush=True)
     for name in shapes:
         for t in seqs:
-            base = baselines(t, *shapes[name], d, interpret)
-            rows = [r for r in records if r["shape"] == name and r["t"] == t][0]
-            records.append(dict(shape=name, t=t, branch="cudnn",
-                                **{f"{k}_fwd_ms": v[0] for k, v in base.items()}))
-            cells = [f"{ms:.3f} | {tflops(pairs, d, ms):.0f}" for ms, pairs in base.values()]
-            print(f"| {name} | {t} | {' | '.join(cells)} | {rows['to_rows_ms']:.3f} | "
-                  f"{rows['from_rows_ms']:.3f} |", flush=True)
+            for baseline, (fwd_ms, both_ms, pairs) in baselines(t, *shapes[name], d,
+                                                                interpret).items():
+                records.append(dict(shape=name, t=t, branch=baseline, pairs=pairs, fwd_ms=fwd_ms,
+                                    fwd_bwd_ms=both_ms))
+                print(f"| {name} | {t} | {baseline} | {fwd_ms:.3f} | {tflops(pairs, d, fwd_ms):.0f} "
+                      f"| {both_ms:.3f} | {tflops(pairs, d, both_ms, backward=True):.0f} |",
+                      flush=True)
+    print("\ngrouped-rows transposes (outside the timed kernel), ms:")
+    for rec in records:
+        if "to_rows_ms" in rec and rec["branch"] == "window" and not rec["packed"]:
+            print(f"  {rec['shape']} T={rec['t']}: to_rows {rec['to_rows_ms']:.3f}, from_rows "
+                  f"{rec['from_rows_ms']:.3f}", flush=True)
     return records
 
 

@@ -26,7 +26,7 @@ from pallas_kernels.gpu.mosaic import range_attention as ra
 
 # Small key tiles, so that tiny shapes still take several steps, refill the rings and run the
 # unmasked middle loops.
-TILES = ra.RangeTiling(block_kv=64, stages=2, block_kv_dq=64, block_kv_dkv=64)
+TILES = ra.RangeTiling(block_kv=64, stages=2, block_kv_dq=64, block_kv_dkv=64, dkv_splits=1)
 # max |error| / max |expected|: 16-bit output rounding and 16-bit P, dS in the matmuls.
 TOLERANCE = {jnp.dtype(jnp.bfloat16): 3e-2, jnp.dtype(jnp.float16): 5e-3}
 
@@ -150,7 +150,7 @@ class TestRangeAttention(CompiledOrInterpreted):
         [0, S] (clipped), some empty, and P < R / G positions (the rows past them see nothing),
         against the dense reference; head dim 128."""
         case = Case(t=40, hq=3, hkv=1, dk=128, dv=128,
-                    tiling=dataclasses.replace(TILES, dkv_splits=2))
+                    tiling=dataclasses.replace(TILES, dkv_splits=None))  # auto: 2 splits
         keys, positions, group = 150, 30, 3
         q, k, v, _ = random_qkv(key, case, keys)
         draws = jax.random.randint(jax.random.fold_in(key, 2), (2, 1, positions), -20, keys + 20)
@@ -260,10 +260,20 @@ class TestRangeErrors:
             self._call(**kwargs)
 
     @pytest.mark.parametrize("field,value", [("block_kv", 96), ("stages", 1),
-                                             ("block_rows_dkv", 192), ("dkv_splits", 0)])
+                                             ("block_rows_dkv", 192), ("dkv_splits", 0),
+                                             ("dkv_splits", 17)])
     def test_bad_tiling(self, field, value):
         with pytest.raises(ValueError, match=f"RangeTiling.{field}"):
             ra.RangeTiling(**{field: value})
+
+    @pytest.mark.parametrize("programs,row_tiles,splits", [
+        (16, 2048, 16),  # compressed branch at 8k, paper shape: capped at 16
+        (128, 16384, 3),  # compressed at 64k: 384 programs, about three waves' worth
+        (2048, 16384, 1),  # window at 64k: already many
+        (2, 2, 2),  # no more splits than row tiles
+    ])
+    def test_auto_dkv_splits(self, programs, row_tiles, splits):
+        assert ra.RangeTiling().auto_dkv_splits(programs, row_tiles) == splits
 
 
 # Benchmark shapes (issue 15): (Hq, Hkv) paper and small-group, T, keys of the compressed branch

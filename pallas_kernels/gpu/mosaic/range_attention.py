@@ -35,6 +35,8 @@ BLOCK_ROWS = 64  # query rows per compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
 ROW_ALIGN = COMPUTE_WGS * BLOCK_ROWS  # rows per forward / dQ program; to_rows pads R to it
 SMEM_BYTES = 227 * 1024  # per thread block on H100 / H200
+NUM_SMS = 132  # H100 SXM / H200
+MAX_DKV_SPLITS = 16
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # Finite floor of the running max, so a row that has seen no key yet rescales by exp2(0) = 1
@@ -58,7 +60,8 @@ class RangeTiling:
     block_kv_dkv: keys per compute warpgroup of the dK/dV kernel (a program owns twice that);
     block_rows_dkv: query rows per dK/dV step (64 or 128); stages_dkv: depth of its row rings;
     dkv_splits: programs sharing one key tile's rows (their float32 partials are summed in XLA),
-    to fill the GPU when there are few key tiles (the compressed branch at 8k has 512 slots).
+    to fill the GPU when there are few key tiles (the compressed branch at 8k has 512 slots);
+    None picks enough for two waves over the 132 SMs (`auto_dkv_splits`).
     """
 
     block_kv: int = 128
@@ -68,7 +71,7 @@ class RangeTiling:
     block_kv_dkv: int = 64
     block_rows_dkv: int = 64
     stages_dkv: int = 2
-    dkv_splits: int = 1
+    dkv_splits: int | None = None
 
     def __post_init__(self):
         for name in ("block_kv", "block_kv_dq", "block_kv_dkv"):
@@ -81,13 +84,21 @@ class RangeTiling:
         for name in ("stages", "stages_dq", "stages_dkv"):
             if getattr(self, name) < 2:
                 raise ValueError(f"RangeTiling.{name} must be >= 2, got {getattr(self, name)}")
-        if self.dkv_splits < 1:
-            raise ValueError(f"RangeTiling.dkv_splits must be >= 1, got {self.dkv_splits}")
+        if self.dkv_splits is not None and not 1 <= self.dkv_splits <= MAX_DKV_SPLITS:
+            raise ValueError(f"RangeTiling.dkv_splits must be None or in [1, {MAX_DKV_SPLITS}], "
+                             f"got {self.dkv_splits}")
 
     @classmethod
     def for_head_dims(cls, dk: int, dv: int) -> RangeTiling:
         """Defaults: FA3's 128-key forward tile up to D = 128, 64 keys beyond (SMEM)."""
         return cls(block_kv=128 if max(dk, dv) <= 128 else 64)
+
+    def auto_dkv_splits(self, programs: int, row_tiles: int) -> int:
+        """dkv_splits, or enough splits of `programs` dK/dV programs (key tiles x heads x batch)
+        for two waves over the SMs, at most one per row tile."""
+        if self.dkv_splits is not None:
+            return self.dkv_splits
+        return max(1, min(MAX_DKV_SPLITS, -(-2 * NUM_SMS // programs), row_tiles))
 
     @property
     def key_multiple(self) -> int:
@@ -216,6 +227,25 @@ def reference(q_rows, k, v, kstart, kend, *, group: int, scale: float):
 
 
 # ----------------------------------------------------------------------------- kernel pieces
+
+
+def _zeros(shape):
+    """A float32 accumulator value of zeros in wgmma's register layout."""
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
+
+
+def _mma_pair(first, second, *, interpret: bool, staging=None):
+    """(acc + a @ b for (acc, a, b) in (first, second)), as `common.mma`; compiled, both wgmmas
+    are in flight together and awaited once (attention_mgpu's backward does the same)."""
+    if interpret:
+        return tuple(common.mma(*term, interpret=True, staging=staging)
+                     for term in (first, second))
+
+    def issue(acc_refs):
+        for acc_ref, (_, a, b) in zip(acc_refs, (first, second)):
+            plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(issue)((plgpu.ACC.init(first[0]), plgpu.ACC.init(second[0])))
 
 
 def _sync(barrier):
@@ -360,7 +390,7 @@ def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
                                     q_bar.at[wg])
             kstart, kend = _row_vectors(ranges_ref, bi, rows)
             head, tail = _unmasked_steps(ranges_ref, bi, rows, first, steps, block)
-            acc = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS, dv), jnp.float32), WGMMA)
+            acc = _zeros((BLOCK_ROWS, dv))
             row_max = plgpu.layout_cast(jnp.full((BLOCK_ROWS,), MAX_FLOOR, jnp.float32), ROW)
             total = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS,), jnp.float32), ROW)
             plgpu.barrier_wait(q_bar.at[wg])
@@ -388,11 +418,21 @@ def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
                 rescale = jnp.exp2(row_max - new_max)
                 p = jnp.exp2(s * logit_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
                 acc *= lax.broadcast_in_dim(rescale, acc.shape, [0])
-                total = total * rescale + p.sum(axis=1)
+                total *= rescale
                 p16 = p.astype(dtype)
-                plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may mma
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(schedule)
+
+                def softmax_done():  # the other warpgroup may use the tensor cores now
+                    plgpu.barrier_arrive(schedule)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(schedule)
+
+                if dv <= 128:  # attention_mgpu's order, measured faster there up to D = 128
+                    total += p.sum(axis=1)
+                    acc, total, new_max, p16 = lax.optimization_barrier((acc, total, new_max, p16))
+                    softmax_done()
+                else:
+                    softmax_done()
+                    total += p.sum(axis=1)
 
                 def next_k():
                     @pl.when(i + 1 < steps)
@@ -474,21 +514,23 @@ def _dq(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
                            for i in (0, 1))
             kstart, kend = _row_vectors(ranges_ref, bi, rows)
             head, tail = _unmasked_steps(ranges_ref, bi, rows, first, steps, block)
-            dq = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS, dk), jnp.float32), WGMMA)
+            dq = _zeros((BLOCK_ROWS, dk))
             plgpu.barrier_wait(q_bar.at[wg])
             plgpu.barrier_wait(do_bar.at[wg])
 
             def step(i, dq, masked):
                 slot = lax.rem(i, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                s = common.matmul(q_tile, k_smem.at[slot].transpose((1, 0)), (BLOCK_ROWS, block))
+                plgpu.barrier_wait(v_bar.at[slot])
+                fresh = _zeros((BLOCK_ROWS, block))
+                s, dp = _mma_pair((fresh, q_tile, k_smem.at[slot].transpose((1, 0))),
+                                  (fresh, do_tile, v_smem.at[slot].transpose((1, 0))),
+                                  interpret=interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
                 logits = s * logit_scale - lax.broadcast_in_dim(lse2, s.shape, [0])
                 if masked:
                     logits = _mask(logits, kstart, kend, (first + i) * block, key_axis=1)
                 p = jnp.exp2(logits)
-                plgpu.barrier_wait(v_bar.at[slot])
-                dp = common.matmul(do_tile, v_smem.at[slot].transpose((1, 0)), (BLOCK_ROWS, block))
-                plgpu.barrier_arrive(v_free.at[slot])
                 ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
                 dq = common.mma(dq, ds.astype(dtype), k_smem.at[slot], interpret=interpret,
                                 staging=None if ds_staging is None else ds_staging.at[wg])
@@ -540,13 +582,14 @@ def _key_tile_rows(ranges, num_programs: int, block: int):
 
 def _dkv(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
     """dK/dV kernel over key tiles x the row tiles that see them, rows split over
-    tiling.dkv_splits programs: float32 partials dk [splits, B, S, Hkv, Dk], dv [..., Dv]."""
+    `tiling.auto_dkv_splits` programs: float32 partials dk [splits, B, S, Hkv, Dk], dv [..., Dv]."""
     b, hkv, r, dk = q_rows.shape
     s, dv = k.shape[1], v.shape[-1]
     dtype = q_rows.dtype
     block, rows_block = tiling.block_kv_dkv, tiling.block_rows_dkv
-    stages, splits = tiling.stages_dkv, tiling.dkv_splits
+    stages = tiling.stages_dkv
     num_programs = s // (COMPUTE_WGS * block)
+    splits = tiling.auto_dkv_splits(num_programs * hkv * b, r // rows_block)
     table = _key_tile_rows(ranges, num_programs, block)
     logit_scale = scale * LOG2E
 
@@ -574,8 +617,7 @@ def _dkv(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
             inner_hi = table_ref[bi, program, 3 + 2 * wg]
             head = jnp.clip(lax.div(inner_lo + rows_block - 1, rows_block) - first, 0, steps)
             tail = jnp.clip(lax.div(inner_hi, rows_block) - first, head, steps)
-            dk_acc = plgpu.layout_cast(jnp.zeros((block, dk), jnp.float32), WGMMA)
-            dv_acc = plgpu.layout_cast(jnp.zeros((block, dv), jnp.float32), WGMMA)
+            dk_acc, dv_acc = _zeros((block, dk)), _zeros((block, dv))
             plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
             stage = None if staging is None else staging.at[wg]
@@ -596,10 +638,10 @@ def _dkv(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
                     logits = _mask(logits, kstart, kend, key0, key_axis=0)
                 p_t = jnp.exp2(logits)
                 plgpu.barrier_wait(do_bar.at[slot])
-                dv_acc = common.mma(dv_acc, p_t.astype(dtype), do_smem.at[slot],
-                                    interpret=interpret, staging=stage)
-                dp_t = common.matmul(v_tile, do_smem.at[slot].transpose((1, 0)),
-                                     (block, rows_block))
+                dv_acc, dp_t = _mma_pair(
+                    (dv_acc, p_t.astype(dtype), do_smem.at[slot]),
+                    (_zeros((block, rows_block)), v_tile, do_smem.at[slot].transpose((1, 0))),
+                    interpret=interpret, staging=stage)
                 plgpu.barrier_arrive(do_free.at[slot])
                 ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
                 dk_acc = common.mma(dk_acc, ds_t.astype(dtype), q_smem.at[slot],
