@@ -252,8 +252,7 @@ class TestRangeErrors:
         (dict(ranges_shape=(2, 64)), "kstart and kend"),
         (dict(group=0), "group"),
         (dict(scale=0.0), "scale"),
-        (dict(q_shape=(1, 1, 128, 256), k_shape=(1, 64, 1, 256),
-              tiling=ra.RangeTiling(block_kv=256, stages=4)), "shared memory"),
+        (dict(tiling=ra.RangeTiling(block_kv=256, stages=4, block_kv_dq=256)), "shared memory"),
     ])
     def test_bad_input(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
@@ -277,27 +276,29 @@ class TestRangeErrors:
 
 
 # Benchmark shapes (issue 15): (Hq, Hkv) paper and small-group, T, keys of the compressed branch
-# ((T - l) // d + 1 with l=32, d=16) and of the window (T); B=1, D=128, bf16.
-LOWERING_CASES = [(hq, hkv, t, keys) for hq, hkv in ((64, 4), (32, 8)) for t in (8192, 65536)
-                  for keys in ((t - 32) // 16 + 1, t)]
+# ((T - l) // d + 1 with l=32, d=16) and of the window (T); B=1, D=128, bf16. Then D = 64 (its
+# own default tiles) and Dk != Dv at a small shape.
+LOWERING_CASES = [(hq, hkv, t, keys, 128, 128) for hq, hkv in ((64, 4), (32, 8))
+                  for t in (8192, 65536) for keys in ((t - 32) // 16 + 1, t)]
+LOWERING_CASES += [(8, 2, 1024, 1024, 64, 64), (8, 2, 1024, 61, 64, 128)]
 
 
 class TestRangeLowering:
-    """jax.export to CUDA at the benchmark shapes on CPU (abstract Hopper): the real Pallas ->
-    Mosaic GPU lowering of all three kernels, so layout, tile-shape and TMA-box errors surface
-    here. ptxas, register and SMEM-capacity errors only show on a GPU (SMEM use is checked in
-    Python by RangeTiling.check_smem). Slow-ish: about 40 s."""
+    """jax.export to CUDA on CPU (abstract Hopper): the real Pallas -> Mosaic GPU lowering of all
+    three kernels, so layout, tile-shape and TMA-box errors surface here. ptxas, register and
+    SMEM-capacity errors only show on a GPU (SMEM use is checked in Python by
+    RangeTiling.check_smem). About a minute in all."""
 
-    @pytest.mark.parametrize("hq,hkv,t,keys", LOWERING_CASES)
-    def test_forward_and_backward_lower(self, hq, hkv, t, keys):
+    @pytest.mark.parametrize("hq,hkv,t,keys,dk,dv", LOWERING_CASES)
+    def test_forward_and_backward_lower(self, hq, hkv, t, keys, dk, dv):
         sd = jax.ShapeDtypeStruct
-        d, rows = 128, t * (hq // hkv)
-        args = (sd((1, hkv, rows, d), jnp.bfloat16), sd((1, keys, hkv, d), jnp.bfloat16),
-                sd((1, keys, hkv, d), jnp.bfloat16), sd((1, t), jnp.int32), sd((1, t), jnp.int32))
+        rows = -(-t * (hq // hkv) // ra.ROW_ALIGN) * ra.ROW_ALIGN
+        args = (sd((1, hkv, rows, dk), jnp.bfloat16), sd((1, keys, hkv, dk), jnp.bfloat16),
+                sd((1, keys, hkv, dv), jnp.bfloat16), sd((1, t), jnp.int32), sd((1, t), jnp.int32))
 
         def forward_backward(q, k, v, kstart, kend):
             attention = lambda q, k, v: ra.range_attention(q, k, v, kstart, kend,
-                                                           group=hq // hkv, scale=d ** -0.5)
+                                                           group=hq // hkv, scale=dk ** -0.5)
             out, pull = jax.vjp(attention, q, k, v)
             return out, pull(out)
 

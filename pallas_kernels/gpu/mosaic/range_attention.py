@@ -35,6 +35,7 @@ BLOCK_ROWS = 64  # query rows per compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
 ROW_ALIGN = COMPUTE_WGS * BLOCK_ROWS  # rows per forward / dQ program; to_rows pads R to it
 SMEM_BYTES = 227 * 1024  # per thread block on H100 / H200
+SMEM_RESERVE = 1024  # barriers and alignment padding, on top of the buffers counted
 NUM_SMS = 132  # H100 SXM / H200
 MAX_DKV_SPLITS = 16
 LOG2E = math.log2(math.e)
@@ -90,8 +91,12 @@ class RangeTiling:
 
     @classmethod
     def for_head_dims(cls, dk: int, dv: int) -> RangeTiling:
-        """Defaults: FA3's 128-key forward tile up to D = 128, 64 keys beyond (SMEM)."""
-        return cls(block_kv=128 if max(dk, dv) <= 128 else 64)
+        """Defaults. D = 128: attention_mgpu's fastest forward tile (128 keys, 2 stages) and
+        64-key backward tiles (registers: two [64, 128] float32 accumulators per warpgroup in
+        dK/dV). D = 64: the accumulators halve, so the backward takes 128-wide tiles."""
+        if max(dk, dv) <= 64:
+            return cls(block_kv_dq=128, block_rows_dkv=128)
+        return cls()
 
     def auto_dkv_splits(self, programs: int, row_tiles: int) -> int:
         """dkv_splits, or enough splits of `programs` dK/dV programs (key tiles x heads x batch)
@@ -122,7 +127,7 @@ class RangeTiling:
     def check_smem(self, dk: int, dv: int, dtype) -> None:
         """Raises ValueError if a kernel would need more than the 227 KiB of SMEM per block."""
         for kernel, used in self.smem_bytes(dk, dv, dtype).items():
-            if used > SMEM_BYTES:
+            if used + SMEM_RESERVE > SMEM_BYTES:
                 raise ValueError(
                     f"RangeTiling {self} needs {used} bytes of shared memory in the {kernel} kernel "
                     f"for head dims ({dk}, {dv}); H100/H200 have {SMEM_BYTES}. Use smaller "
@@ -254,6 +259,25 @@ def _sync(barrier):
     plgpu.barrier_wait(barrier)
 
 
+def _row_program(ranges_ref, num_programs, block):
+    """Where a row-tile program (forward, dQ) works: batch, head, warpgroup, its first row and
+    its key tiles [first, first + steps). Longest programs first: a compressed row's range grows
+    with its position."""
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    row0 = (num_programs - 1 - lax.axis_index("rows")) * ROW_ALIGN
+    first, steps = _key_steps(ranges_ref, batch, row0, ROW_ALIGN, block)
+    return batch, head, lax.axis_index("wg"), row0, first, steps
+
+
+def _warpgroup_rows(ranges_ref, batch, row0, wg, first, steps, block):
+    """A compute warpgroup's first row, its rows' kstart and kend vectors, and the steps
+    [head, tail) that need no mask."""
+    rows = row0 + wg * BLOCK_ROWS
+    kstart, kend = _row_vectors(ranges_ref, batch, rows)
+    return (rows, kstart, kend,
+            *_unmasked_steps(ranges_ref, batch, rows, first, steps, block))
+
+
 def _key_steps(ranges_ref, batch, row0, num_rows, block):
     """(first key tile, number of key tiles) covering rows [row0, row0 + num_rows): from the first
     row's kstart to the last row's kend, which bound all others as ranges are non-decreasing."""
@@ -334,6 +358,20 @@ def _produce_key_tiles(*rings, batch, head, first, steps, block, stages):
                              for ref, smem, loaded, released in rings])
 
 
+def _ring_barriers(stages):
+    """A ring's barriers: slot loaded (one TMA arrival), slot released (both compute warpgroups)."""
+    return (plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
+
+
+def _split_loop(step, head, tail, steps, carry):
+    """step(i, carry, masked) over i in [0, steps), unmasked on [head, tail) only (FA3 splits its
+    causal loop the same way)."""
+    carry = lax.fori_loop(0, head, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(head, tail, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(tail, steps, functools.partial(step, masked=True), carry)
+
+
 def _compute_wg_then_producer(wg, compute, produce):
     """FA3's register split: compute warpgroups take registers from the producer."""
     @pl.when(wg < COMPUTE_WGS)
@@ -378,18 +416,14 @@ def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
         q_smem, o_smem, k_smem, v_smem, lse_smem, p_staging = smem
         o_smem = q_smem if o_smem is None else o_smem  # o reuses q's buffer when Dk == Dv
         q_bar, k_bar, v_bar, k_free, v_free, schedule = barriers
-        bi, hi, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        # Longest programs first: a compressed row's range grows with its position.
-        row0 = (num_programs - 1 - lax.axis_index("rows")) * ROW_ALIGN
-        first, steps = _key_steps(ranges_ref, bi, row0, ROW_ALIGN, block)
+        bi, hi, wg, row0, first, steps = _row_program(ranges_ref, num_programs, block)
 
         def compute():
-            rows = row0 + wg * BLOCK_ROWS
+            rows, kstart, kend, head, tail = _warpgroup_rows(ranges_ref, bi, row0, wg, first,
+                                                             steps, block)
             q_tile, o_tile = q_smem.at[wg], o_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, pl.ds(rows, BLOCK_ROWS)], q_tile,
                                     q_bar.at[wg])
-            kstart, kend = _row_vectors(ranges_ref, bi, rows)
-            head, tail = _unmasked_steps(ranges_ref, bi, rows, first, steps, block)
             acc = _zeros((BLOCK_ROWS, dv))
             row_max = plgpu.layout_cast(jnp.full((BLOCK_ROWS,), MAX_FLOOR, jnp.float32), ROW)
             total = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS,), jnp.float32), ROW)
@@ -445,11 +479,7 @@ def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, new_max, total
 
-            carry = (acc, row_max, total)
-            carry = lax.fori_loop(0, head, functools.partial(step, masked=True), carry)
-            carry = lax.fori_loop(head, tail, functools.partial(step, masked=False), carry)
-            acc, row_max, total = lax.fori_loop(tail, steps, functools.partial(step, masked=True),
-                                                carry)
+            acc, row_max, total = _split_loop(step, head, tail, steps, (acc, row_max, total))
             pl.when(wg == 0)(lambda: _sync(schedule))
 
             seen = total > 0
@@ -462,10 +492,9 @@ def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(rows, BLOCK_ROWS)])
             plgpu.wait_smem_to_gmem(0)
 
-        produce = functools.partial(
+        _compute_wg_then_producer(wg, compute, functools.partial(
             _produce_key_tiles, (k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free),
-            batch=bi, head=hi, first=first, steps=steps, block=block, stages=stages)
-        _compute_wg_then_producer(wg, compute, produce)
+            batch=bi, head=hi, first=first, steps=steps, block=block, stages=stages))
 
     smem = (common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dk), dtype),
             None if dk == dv else common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dv), dtype),
@@ -473,8 +502,7 @@ def _forward(q_rows, k, v, ranges, *, scale, tiling, interpret):
             common.tiled_smem((stages, block, dv), dtype),
             plgpu.SMEM((COMPUTE_WGS, BLOCK_ROWS), jnp.float32),
             common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, block), dtype) if interpret else None)
-    ring = plgpu.Barrier(num_barriers=stages)
-    released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+    ring, released = _ring_barriers(stages)
     barriers = (plgpu.Barrier(num_barriers=COMPUTE_WGS), ring, ring, released, released,
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS))
     out_type = (jax.ShapeDtypeStruct((b, hkv, r, dv), dtype),
@@ -500,20 +528,17 @@ def _dq(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
     def body(q_ref, k_ref, v_ref, do_ref, stats_ref, ranges_ref, dq_ref, smem, barriers):
         q_smem, do_smem, k_smem, v_smem, ds_staging = smem
         q_bar, do_bar, k_bar, v_bar, k_free, v_free = barriers
-        bi, hi, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        row0 = (num_programs - 1 - lax.axis_index("rows")) * ROW_ALIGN
-        first, steps = _key_steps(ranges_ref, bi, row0, ROW_ALIGN, block)
+        bi, hi, wg, row0, first, steps = _row_program(ranges_ref, num_programs, block)
 
         def compute():
-            rows = row0 + wg * BLOCK_ROWS
+            rows, kstart, kend, head, tail = _warpgroup_rows(ranges_ref, bi, row0, wg, first,
+                                                             steps, block)
             tile = pl.ds(rows, BLOCK_ROWS)
             q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, tile], q_tile, q_bar.at[wg])
             plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, tile], do_tile, do_bar.at[wg])
             lse2, delta = (plgpu.load(stats_ref.at[bi, hi, i, tile], layout=ROW, optimized=False)
                            for i in (0, 1))
-            kstart, kend = _row_vectors(ranges_ref, bi, rows)
-            head, tail = _unmasked_steps(ranges_ref, bi, rows, first, steps, block)
             dq = _zeros((BLOCK_ROWS, dk))
             plgpu.barrier_wait(q_bar.at[wg])
             plgpu.barrier_wait(do_bar.at[wg])
@@ -537,26 +562,22 @@ def _dq(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
 
-            dq = lax.fori_loop(0, head, functools.partial(step, masked=True), dq)
-            dq = lax.fori_loop(head, tail, functools.partial(step, masked=False), dq)
-            dq = lax.fori_loop(tail, steps, functools.partial(step, masked=True), dq)
+            dq = _split_loop(step, head, tail, steps, dq)
             q_tile[...] = (dq * scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[bi, hi, tile])
             plgpu.wait_smem_to_gmem(0)
 
-        produce = functools.partial(
+        _compute_wg_then_producer(wg, compute, functools.partial(
             _produce_key_tiles, (k_ref, k_smem, k_bar, k_free), (v_ref, v_smem, v_bar, v_free),
-            batch=bi, head=hi, first=first, steps=steps, block=block, stages=stages)
-        _compute_wg_then_producer(wg, compute, produce)
+            batch=bi, head=hi, first=first, steps=steps, block=block, stages=stages))
 
     smem = (common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dk), dtype),
             common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, dv), dtype),
             common.tiled_smem((stages, block, dk), dtype),
             common.tiled_smem((stages, block, dv), dtype),
             common.tiled_smem((COMPUTE_WGS, BLOCK_ROWS, block), dtype) if interpret else None)
-    ring = plgpu.Barrier(num_barriers=stages)
-    released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+    ring, released = _ring_barriers(stages)
     loaded = plgpu.Barrier(num_barriers=COMPUTE_WGS)
     barriers = (loaded, loaded, ring, ring, released, released)
     return _kernel_call(_with_scratch(body, smem, barriers), out_type=q_rows,
@@ -649,11 +670,7 @@ def _dkv(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk_acc, dv_acc
 
-            carry = (dk_acc, dv_acc)
-            carry = lax.fori_loop(0, head, functools.partial(step, masked=True), carry)
-            carry = lax.fori_loop(head, tail, functools.partial(step, masked=False), carry)
-            dk_acc, dv_acc = lax.fori_loop(tail, steps, functools.partial(step, masked=True),
-                                           carry)
+            dk_acc, dv_acc = _split_loop(step, head, tail, steps, (dk_acc, dv_acc))
             dk_out.at[wg][...] = dk_acc * scale
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dk_out.at[wg], dk_ref.at[split, bi, keys, hi])
@@ -694,8 +711,7 @@ def _dkv(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
                            common.tiled_smem((*staging_rows, dv), jnp.float32)),
             common.tiled_smem((*staging_rows, rows_block), dtype) if interpret else None)
     loaded = plgpu.Barrier(num_barriers=COMPUTE_WGS)
-    ring = plgpu.Barrier(num_barriers=stages)
-    released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+    ring, released = _ring_barriers(stages)
     barriers = (loaded, loaded, ring, ring, ring, ring, released, released,
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS))
     out_type = (jax.ShapeDtypeStruct((splits, b, s, hkv, dk), jnp.float32),
@@ -750,8 +766,9 @@ def _check_args(q_rows, k, v, kstart, kend, group, scale):
         raise ValueError(f"q_rows, k, v must share one dtype, bfloat16 or float16 (float32 runs on "
                          f"the Triton or xla paths), got {q_rows.dtype}, {k.dtype}, {v.dtype}")
     for name, d in (("Dk", dk), ("Dv", v.shape[3])):
-        if d % 64 or not 64 <= d <= 256:
-            raise ValueError(f"head dim {name} must be 64, 128, 192 or 256, got {d}")
+        if d not in (64, 128):
+            raise ValueError(f"head dim {name} must be 64 or 128 (wider heads exceed the "
+                             f"backward's shared memory), got {d}")
     if r == 0 or r % ROW_ALIGN:
         raise ValueError(f"q_rows must have a positive multiple of {ROW_ALIGN} rows (use to_rows), "
                          f"got {r}")
@@ -780,7 +797,7 @@ def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
     Args:
       q_rows: [B, Hkv, R, Dk] grouped rows (`to_rows`), R a multiple of 128.
       k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; q_rows, k, v one dtype, bfloat16 or float16;
-        Dk, Dv in {64, 128, 192, 256} (up to SMEM, see `RangeTiling.check_smem`).
+        Dk, Dv in {64, 128}.
       kstart, kend: int [B, P]: position p sees keys [kstart[p], kend[p]) (clipped to [0, S]).
         Both must be non-decreasing in p (true of `compressed_ranges` and `window_ranges`); rows
         past position P - 1 see nothing.
