@@ -212,6 +212,13 @@ def tflops(pairs, d, ms, backward=False):
     return 4 * pairs * d * (3.5 if backward else 1.0) / ms / 1e9
 
 
+def dkv_splits(p: Problem, tiling):
+    """The dK/dV row splits the kernel uses for this problem."""
+    tiling = tiling or ra.RangeTiling.for_head_dims(p.q.shape[3], p.v.shape[3])
+    rows = -(-p.q.shape[1] * p.group // ra.ROW_ALIGN) * ra.ROW_ALIGN
+    return tiling.auto_dkv_splits(p.k.shape[1], rows, p.k.shape[2], p.q.shape[0])
+
+
 def time_problem(p: Problem, tiling, interpret):
     q_rows = ra.to_rows(p.q, p.k.shape[2])
     attention = kernel_fn(p, tiling, interpret)
@@ -290,17 +297,18 @@ def run(shapes, seqs, d, tiling, interpret):
         sys.exit("range attention disagrees with the trusted path: no timings taken")
     records = []
     print("\n| shape | T | branch | docs | fwd ms | TFLOP/s | target | fwd+bwd ms | TFLOP/s | "
-          "target |\n" + "|---" * 10 + "|", flush=True)
+          "target | dK/dV splits |\n" + "|---" * 11 + "|", flush=True)
     for (name, t, branch, packed), p in problems.items():
         rec = dict(shape=name, t=t, branch=branch, packed=packed, pairs=p.visible_pairs(),
-                   **time_problem(p, tiling, interpret))
+                   dkv_splits=dkv_splits(p, tiling), **time_problem(p, tiling, interpret))
         rec["fwd_tflops"] = tflops(rec["pairs"], d, rec["fwd_ms"])
         rec["fwd_bwd_tflops"] = tflops(rec["pairs"], d, rec["fwd_bwd_ms"], backward=True)
         records.append(rec)
         print(f"| {name} | {t} | {branch} | {DOCS if packed else 1} | {rec['fwd_ms']:.3f} | "
               f"{rec['fwd_tflops']:.0f} | {verdict(name, t, branch, packed, 'fwd', rec['fwd_ms'])} "
               f"| {rec['fwd_bwd_ms']:.3f} | {rec['fwd_bwd_tflops']:.0f} | "
-              f"{verdict(name, t, branch, packed, 'fwd+bwd', rec['fwd_bwd_ms'])} |", flush=True)
+              f"{verdict(name, t, branch, packed, 'fwd+bwd', rec['fwd_bwd_ms'])} | "
+              f"{rec['dkv_splits']} |", flush=True)
     print("\n| shape | T | baseline (no documents) | fwd ms | TFLOP/s | fwd+bwd ms | TFLOP/s |\n"
           + "|---" * 7 + "|", flush=True)
     for name in shapes:

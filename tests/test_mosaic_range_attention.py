@@ -265,14 +265,15 @@ class TestRangeErrors:
         with pytest.raises(ValueError, match=f"RangeTiling.{field}"):
             ra.RangeTiling(**{field: value})
 
-    @pytest.mark.parametrize("programs,row_tiles,splits", [
-        (16, 2048, 16),  # compressed branch at 8k, paper shape: capped at 16
-        (128, 16384, 3),  # compressed at 64k: 384 programs, about three waves' worth
-        (2048, 16384, 1),  # window at 64k: already many
-        (2, 2, 2),  # no more splits than row tiles
+    @pytest.mark.parametrize("keys,rows,splits", [
+        (511, 8192 * 16, 16),  # compressed branch at 8k, paper shape: 16 programs, capped
+        (4095, 65536 * 16, 3),  # compressed at 64k: 128 programs, 3 splits for two waves
+        (65536, 65536 * 16, 1),  # window at 64k: 2048 programs already
+        (200, 128, 2),  # no more splits than row tiles
     ])
-    def test_auto_dkv_splits(self, programs, row_tiles, splits):
-        assert ra.RangeTiling().auto_dkv_splits(programs, row_tiles) == splits
+    def test_auto_dkv_splits(self, keys, rows, splits):
+        assert ra.RangeTiling().auto_dkv_splits(keys, rows, num_kv_heads=4, batch=1) == splits
+        assert ra.RangeTiling(dkv_splits=5).auto_dkv_splits(keys, rows, 4, 1) == 5
 
 
 # Benchmark shapes (issue 15): (Hq, Hkv) paper and small-group, T, keys of the compressed branch

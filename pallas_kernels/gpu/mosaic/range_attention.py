@@ -98,17 +98,21 @@ class RangeTiling:
             return cls(block_kv_dq=128, block_rows_dkv=128)
         return cls()
 
-    def auto_dkv_splits(self, programs: int, row_tiles: int) -> int:
-        """dkv_splits, or enough splits of `programs` dK/dV programs (key tiles x heads x batch)
-        for two waves over the SMs, at most one per row tile."""
+    def auto_dkv_splits(self, num_keys: int, num_rows: int, num_kv_heads: int,
+                        batch: int) -> int:
+        """dkv_splits, or enough row splits of the dK/dV programs (key tiles x heads x batch) for
+        two waves over the SMs, at most one per row tile. num_keys: S; num_rows: R."""
         if self.dkv_splits is not None:
             return self.dkv_splits
-        return max(1, min(MAX_DKV_SPLITS, -(-2 * NUM_SMS // programs), row_tiles))
+        key_tiles = self.padded_keys(num_keys) // (COMPUTE_WGS * self.block_kv_dkv)
+        wanted = -(-2 * NUM_SMS // (key_tiles * num_kv_heads * batch))
+        return max(1, min(MAX_DKV_SPLITS, wanted, num_rows // self.block_rows_dkv))
 
-    @property
-    def key_multiple(self) -> int:
-        """S is padded to a multiple of every key tile."""
-        return math.lcm(self.block_kv, self.block_kv_dq, COMPUTE_WGS * self.block_kv_dkv)
+    def padded_keys(self, num_keys: int) -> int:
+        """S rounded up to whole tiles of every kernel (at least one), so TMA boxes stay in
+        bounds."""
+        multiple = math.lcm(self.block_kv, self.block_kv_dq, COMPUTE_WGS * self.block_kv_dkv)
+        return max(-(-num_keys // multiple), 1) * multiple
 
     def smem_bytes(self, dk: int, dv: int, dtype) -> dict[str, int]:
         """Shared memory each kernel allocates, in bytes, for head dims dk, dv."""
@@ -610,7 +614,7 @@ def _dkv(q_rows, k, v, do_rows, stats, ranges, *, scale, tiling, interpret):
     block, rows_block = tiling.block_kv_dkv, tiling.block_rows_dkv
     stages = tiling.stages_dkv
     num_programs = s // (COMPUTE_WGS * block)
-    splits = tiling.auto_dkv_splits(num_programs * hkv * b, r // rows_block)
+    splits = tiling.auto_dkv_splits(s, r, hkv, b)
     table = _key_tile_rows(ranges, num_programs, block)
     logit_scale = scale * LOG2E
 
@@ -783,13 +787,6 @@ def _check_args(q_rows, k, v, kstart, kend, group, scale):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
 
 
-def _pad_keys(x, multiple):
-    """Zero keys up to a whole number of key tiles (at least one): every TMA box is in bounds."""
-    s = x.shape[1]
-    pad = max(-(-s // multiple), 1) * multiple - s
-    return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
-
-
 def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
                     tiling: RangeTiling | None = None, interpret: bool = False):
     """Attention of every query row over its own key range [kstart, kend) on Hopper.
@@ -818,5 +815,6 @@ def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
     tiling = tiling or RangeTiling.for_head_dims(dk, dv)
     tiling.check_smem(dk, dv, q_rows.dtype)
     ranges = row_ranges(kstart, kend, group, q_rows.shape[2], k.shape[1])
-    k, v = (_pad_keys(x, tiling.key_multiple) for x in (k, v))
+    pad = ((0, 0), (0, tiling.padded_keys(k.shape[1]) - k.shape[1]), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)  # zero keys: outside every range
     return _attention(q_rows, k, v, ranges, float(scale), tiling, interpret)
