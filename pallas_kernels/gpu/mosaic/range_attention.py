@@ -172,8 +172,8 @@ def compressed_ranges(slot_start_BTc, doc_start_BT, compress_block: int):
     Slot s (first raw token slot_start[s]; -1 marks padding slots, which come last; valid starts
     ascend and each document's slots are contiguous, as `nsa_jax.ops.layout.compressed_layout`
     lays them out) is visible to query t iff doc_start[t] <= slot_start[s] and
-    slot_start[s] + l - 1 <= t (paper eq. 7 with document-relative positions). Those slots are
-    exactly [kstart_t, kend_t); empty ranges have kend == kstart.
+    slot_start[s] + l - 1 <= t (paper Eq. 7, nsa_spec.md 1.2 and 3.1, with packed documents
+    3.3). Those slots are exactly [kstart_t, kend_t); empty ranges have kend == kstart.
     """
     b, t = doc_start_BT.shape
     big = jnp.iinfo(jnp.int32).max
@@ -186,7 +186,8 @@ def compressed_ranges(slot_start_BTc, doc_start_BT, compress_block: int):
 
 
 def window_ranges(doc_start_BT, window: int):
-    """Key ranges of the sliding window: keys [max(doc_start_t, t - w + 1), t], int32 [B, T]."""
+    """Key ranges of the sliding window (nsa_spec.md 1.4): keys [max(doc_start_t, t - w + 1), t],
+    as (kstart, kend) int32 [B, T]. Raises ValueError if window < 1."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     t = jnp.arange(doc_start_BT.shape[1], dtype=jnp.int32)
@@ -777,9 +778,10 @@ def _check_args(q_rows, k, v, kstart, kend, group, scale):
         raise ValueError(f"q_rows must have a positive multiple of {ROW_ALIGN} rows (use to_rows), "
                          f"got {r}")
     if (kstart.ndim != 2 or kstart.shape != kend.shape or kstart.shape[0] != b
+            or kstart.shape[1] == 0
             or not jnp.issubdtype(kstart.dtype, jnp.integer)
             or not jnp.issubdtype(kend.dtype, jnp.integer)):
-        raise ValueError(f"kstart and kend must be integer [B={b}, P], got {kstart.shape} "
+        raise ValueError(f"kstart and kend must be integer [B={b}, P >= 1], got {kstart.shape} "
                          f"{kstart.dtype} and {kend.shape} {kend.dtype}")
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be a positive int (query heads per KV head), got {group!r}")
