@@ -133,9 +133,9 @@ class RangeTiling:
         for kernel, used in self.smem_bytes(dk, dv, dtype).items():
             if used + SMEM_RESERVE > SMEM_BYTES:
                 raise ValueError(
-                    f"RangeTiling {self} needs {used} bytes of shared memory in the {kernel} kernel "
-                    f"for head dims ({dk}, {dv}); H100/H200 have {SMEM_BYTES}. Use smaller "
-                    f"blocks or fewer stages.")
+                    f"RangeTiling {self} needs {used} bytes of shared memory in the {kernel} "
+                    f"kernel for head dims ({dk}, {dv}); H100/H200 have {SMEM_BYTES}. Use "
+                    f"smaller blocks or fewer stages.")
 
 
 # ----------------------------------------------------------------------------- layout helpers
@@ -400,7 +400,8 @@ def _with_scratch(body, smem, barriers):
 def _kernel_call(body, *, out_type, grid, interpret, tiles="rows"):
     """The grid is (tiles, Hkv, B); one producer and COMPUTE_WGS compute warpgroups."""
     return plgpu.kernel(
-        body, out_type=out_type, grid=grid, grid_names=(tiles, "heads", "batch"), num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        body, out_type=out_type, grid=grid, grid_names=(tiles, "heads", "batch"),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=common.interpret_params() if interpret else None)
 
@@ -739,7 +740,8 @@ def _attention_fwd(q_rows, k, v, ranges, scale, tiling, interpret):
 
 def _attention_bwd(scale, tiling, interpret, residuals, cotangents):
     """No atomics, deterministic. lse is an output too: dS = P * (dP - delta) with
-    delta = rowsum(o * do) - dlse."""
+    delta = rowsum(o * do) - dlse. The dQ and dK/dV kernels each recompute S and dP, so the
+    backward does 7 tile matmuls where an atomic-dQ backward does 5."""
     q_rows, k, v, ranges, o_rows, lse_rows = residuals
     do_rows, dlse_rows = cotangents
     delta = jnp.sum(o_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1) - dlse_rows
