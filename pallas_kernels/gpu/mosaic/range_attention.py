@@ -166,6 +166,13 @@ def from_rows(x_rows, length: int, num_q_heads: int):
     return jnp.moveaxis(x, 1, 2).reshape(b, length, num_q_heads, *tail)
 
 
+def _searchsorted(sorted_x, values, side):
+    """jnp.searchsorted without a while loop: the default method lowers to an XLA while loop,
+    whose predicate an XLA GPU program copies to the host once per iteration (~log2(n) round
+    trips of tens of microseconds each, per call)."""
+    return jnp.searchsorted(sorted_x, values, side, method="scan_unrolled")
+
+
 def compressed_ranges(slot_start_BTc, doc_start_BT, compress_block: int):
     """Key ranges of the compressed branch: (kstart, kend) int32 [B, T].
 
@@ -179,7 +186,7 @@ def compressed_ranges(slot_start_BTc, doc_start_BT, compress_block: int):
     big = jnp.iinfo(jnp.int32).max
     starts = jnp.where(slot_start_BTc >= 0, slot_start_BTc, big).astype(jnp.int32)
     last_start = jnp.arange(t, dtype=jnp.int32) - (compress_block - 1)  # latest visible slot start
-    search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
+    search = jax.vmap(_searchsorted, in_axes=(0, 0, None))
     kstart = search(starts, doc_start_BT.astype(jnp.int32), "left")
     kend = search(starts, jnp.broadcast_to(last_start, (b, t)), "right")
     return kstart.astype(jnp.int32), jnp.maximum(kend, kstart).astype(jnp.int32)
@@ -599,7 +606,7 @@ def _key_tile_rows(ranges, num_programs: int, block: int):
     contiguous and a binary search finds them."""
     kstart, kend = ranges[:, 0], ranges[:, 1]
     key0 = jnp.arange(num_programs, dtype=jnp.int32) * (COMPUTE_WGS * block)
-    search = jax.vmap(jnp.searchsorted, in_axes=(0, None, None))
+    search = jax.vmap(_searchsorted, in_axes=(0, None, None))
     cols = [search(kend, key0, "right"), search(kstart, key0 + COMPUTE_WGS * block, "left")]
     for w in range(COMPUTE_WGS):
         first_key = key0 + w * block
