@@ -113,16 +113,23 @@ def selected_slots(indices, position, cfg: NSAConfig):
     return jnp.maximum(key, 0).reshape(b, hkv, n * lp), use.reshape(b, hkv, n * lp)
 
 
-def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int):
-    """Top-n selection blocks [B, Hkv, n] from the compressed logits [B, Hkv, G, C] (any value
-    where invisible) and their log-sum-exp [B, Hkv, G], exactly as ops.select_blocks scores them:
-    probabilities summed over the group, spread over the blocks by overlap, forced blocks."""
+def decode_block_scores(logits, lse, position, cfg: NSAConfig, num_blocks: int):
+    """Selection-block scores [B, Hkv, NB] float32 from the compressed logits [B, Hkv, G, C] (any
+    value where invisible) and their log-sum-exp [B, Hkv, G], exactly as ops.block_scores scores
+    them: probabilities summed over the group, spread over the blocks by overlap."""
     c = logits.shape[-1]
     visible = (jnp.arange(c) < cfg.num_visible_compressed(position)[:, None])[:, None, None]
     visible &= jnp.isfinite(lse)[..., None]
     probs = jnp.exp(jnp.where(visible, logits - jnp.where(visible, lse[..., None], 0.0), -jnp.inf))
     scores = overlap_to_blocks(jnp.sum(probs, axis=2)[:, :, None], None, cfg, num_blocks)
-    return top_n(jnp.moveaxis(scores, 1, 2).astype(jnp.float32), position[:, None], cfg)[:, 0]
+    return scores[:, :, 0].astype(jnp.float32)
+
+
+def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int):
+    """Top-n selection blocks [B, Hkv, n] of `decode_block_scores`, forced blocks included, as
+    ops.select_blocks chooses them."""
+    scores = decode_block_scores(logits, lse, position, cfg, num_blocks)
+    return top_n(scores[:, None], position[:, None], cfg)[:, 0]
 
 
 def group_queries(q, kv_heads: int):
