@@ -41,7 +41,8 @@ def step_layer(attn, x, position, cache: dict, implementation=None):
     if not isinstance(attn, NSAAttention):
         q, k, v = attn.project(x, pos)
         _write_kv(cache, ("k", "v"), (k, v), pos, position + 1)
-        o = dense_decode_attention(q[:, 0], cache["k"], cache["v"], position, window=attn.window)
+        o = dense_decode_attention(q[:, 0], cache["k"], cache["v"], position, window=attn.window,
+                                   implementation=implementation)
         return attn.out(o.reshape(batch, 1, -1)), cache
     p = attn.project(x, pos)
     _write_kv(cache, ("k", "v"), (p.k, p.v), pos, position + 1)

@@ -62,17 +62,33 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     return (out, aux) if return_aux else out
 
 
-def dense_decode_attention(q, k, v, position, *, window=None, scale=None):
+def dense_decode_attention(q, k, v, position, *, window=None, scale=None, implementation=None):
     """Causal GQA attention of one new query per sequence: q [B, Hq, Dk] over a full cache or a
     ring k/v [B, R, Hkv, D] -> [B, Hq, Dv]; all keys [0, t] (window=None, needs R > t) or the
-    last `window` keys [t - window + 1, t]."""
+    last `window` keys [t - window + 1, t].
+
+    implementation: "xla" (dense masks over the cache; also what "reference" runs), "pallas"
+    (cuDNN's fused attention with per-sequence key counts on GPU for 16-bit caches, window=None
+    and equal head dims <= 256; xla otherwise) or None (pallas on GPU, xla elsewhere);
+    ops.dispatch.TABLE. Raises ValueError for bad arguments."""
     b, _, dk = _check_query(q)
     _check_cache(q, k, v, ("k", "v"))
     _check_position(position, b)
-    scale = validation.default_scale(scale, dk)
+    return dispatch.run("dense_decode", implementation, q, k, v, position, window=window,
+                        scale=validation.default_scale(scale, dk))
+
+
+def dense_decode_xla(q, k, v, position, *, window, scale):
     if window is None:
         return _attend_all(q, k, v, jnp.arange(k.shape[1]) <= position[:, None], scale)[0]
     return _attend(q, k, v, *window_slots(position, window, k.shape[1]), scale)
+
+
+def dense_decode_cudnn(q, k, v, position, *, window, scale):
+    """cuDNN's fused attention of the one query over keys [0, t] (window=None only)."""
+    return jax.nn.dot_product_attention(q[:, None], k, v, scale=scale,
+                                        key_value_seq_lengths=position.astype(jnp.int32) + 1,
+                                        implementation="cudnn")[:, 0]
 
 
 def _check_query(q):
