@@ -24,16 +24,19 @@ Prints a short table; with $OUT set also writes $OUT/bench_decode.json and $OUT/
    attention (its decode is cuDNN's through ops.dense_decode_attention): greedy generation
    chained on the device, and host-driven as nsa-generate runs (one jitted step per token,
    blocked once at the end).
-4. graphs (not with --quick): the NSA op at 64k, batch 1, re-timed in child processes with XLA
-   command buffers (CUDA graphs) off, as jax 0.11.2 sets them (FUSION, CUBLAS, CUBLASLT, CUDNN,
-   CUSTOM_CALL, CONDITIONAL, DYNAMIC_SLICE_FUSION; --xla_gpu_graph_min_graph_size=5), and with
-   WHILE added (the whole chained loop one graph).
+4. graphs (not with --quick): the NSA op (Triton) and cuDNN at 64k, batch 1, re-timed in child
+   processes with XLA command buffers (CUDA graphs) off, and with WHILE added to jax 0.11.2's
+   default set (FUSION, CUBLAS, CUBLASLT, CUDNN, CUSTOM_CALL, CONDITIONAL, DYNAMIC_SLICE_FUSION,
+   --xla_gpu_graph_min_graph_size=5, which `op` runs with): then the whole chained loop is one
+   graph. Pallas-Triton calls are kernel thunks (FUSION), Mosaic GPU's an FFI call marked
+   command-buffer compatible (CUSTOM_CALL), cuDNN's CUDNN.
 Targets (issue 19): 64k batch 1 >= 2x cuDNN, batch 32 >= 6x, 8k batch 1 >= 1.0x, the model
 >= 3x the full-attention model's tokens/s.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -56,7 +59,7 @@ from nsa_jax.generation import cache_sizes, init_state, step  # noqa: E402
 SHAPE = dict(hq=64, hkv=4, d=128)  # the paper's kernel-benchmark shape (--smoke shrinks it)
 CFG = NSAConfig()
 HBM_TBPS = {"H200": 4.8, "H100": 3.35}  # spec-sheet HBM bandwidth by device kind
-GRAPH_MODES = {"off": "--xla_gpu_enable_command_buffer=", "default": "",
+GRAPH_MODES = {"off": "--xla_gpu_enable_command_buffer=",  # the default is timed in `op`
                "while": "--xla_gpu_enable_command_buffer=+WHILE"}
 # HLO instructions that launch nothing
 NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
@@ -93,20 +96,25 @@ def boundary_positions(context: int):
 # --- what is timed --------------------------------------------------------------------------------
 
 def nsa_variants():
-    """name -> f(args) -> (out, aux): the NSA decode implementations this GPU runs."""
+    """name -> (f(args) -> (out, aux), the cache dtypes it takes): the NSA decode kernels this
+    GPU runs, the Triton ones and, on Hopper, those with the Mosaic GPU compressed pass."""
+    from pallas_kernels.gpu.mosaic import common
+    from pallas_kernels.gpu.mosaic import decode_attention as mosaic
     from pallas_kernels.gpu.triton import decode_attention as triton
 
-    def kernel(entry):
-        return lambda a: entry(a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"],
-                               a["position"], CFG, interpret=INTERPRET)
+    def kernel(entry, context=contextlib.nullcontext):
+        def run(a):
+            with context():
+                return entry(a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"],
+                             a["position"], CFG, interpret=INTERPRET)
+        return run
 
-    variants = {"nsa-triton": kernel(triton.nsa_decode_attention)}
-    try:
-        from pallas_kernels.gpu.mosaic import decode_attention as mosaic
-    except ImportError:
-        mosaic = None
-    if mosaic is not None and (ops.backend() == "hopper" or INTERPRET):
-        variants["nsa-mosaic"] = kernel(mosaic.nsa_decode_attention)
+    variants = {"nsa-triton": (kernel(triton.nsa_decode_attention),
+                               (jnp.float32, jnp.bfloat16))}
+    if ops.backend() == "hopper" or INTERPRET:
+        interpreted = common.abstract_hopper if INTERPRET else contextlib.nullcontext
+        variants["nsa-mosaic"] = (kernel(mosaic.nsa_decode_attention, interpreted),
+                                  (jnp.bfloat16,))
     return variants
 
 
@@ -173,7 +181,9 @@ def check(context: int, log) -> dict:
         args = random_cache(jax.random.key(0), 7, context, dtype)
         args["position"] = boundary_positions(context)
         want[dtype] = jax.jit(nsa_op("xla"))(args)
-        for name, fn in nsa_variants().items():
+        for name, (fn, dtypes) in nsa_variants().items():
+            if dtype not in dtypes:
+                continue
             try:
                 out, aux = jax.jit(fn)(args)
                 ok, line = _compare(out, aux, *want[dtype], dtype)
@@ -219,13 +229,14 @@ def _compare(out, aux, want, want_aux, dtype):
 
 # --- 2. op ----------------------------------------------------------------------------------------
 
-def bench_ops(configs, variants, steps: int, hbm_tbps: float, log) -> list:
+def bench_ops(configs, variants, steps: int, hbm_tbps: float, with_xla: bool, log) -> list:
+    """The first config also times the xla paths (NSA and full) when `with_xla`."""
     rows, counted = [], {}
     for context, batch in configs:
         args = random_cache(jax.random.key(context + batch), batch, context, jnp.bfloat16)
         fns = dict(variants)
         fns["full-cudnn"] = full_op("pallas")
-        if batch == 1:
+        if with_xla and (context, batch) == configs[0]:
             fns["nsa-xla"], fns["full-xla"] = nsa_op("xla"), full_op("xla")
         for name, fn in fns.items():
             try:
@@ -362,7 +373,7 @@ def bench_graphs(context: int, steps: int, log) -> dict:
 
 def child_op(context: int, steps: int) -> None:
     args = random_cache(jax.random.key(0), 1, context, jnp.bfloat16)
-    times = {"nsa-triton": chained_ms(nsa_variants()["nsa-triton"], args, steps),
+    times = {"nsa-triton": chained_ms(nsa_variants()["nsa-triton"][0], args, steps),
              "full-cudnn": chained_ms(full_op("pallas"), args, steps)}
     print("child " + json.dumps(times), flush=True)
 
@@ -385,7 +396,7 @@ def main(argv=None) -> int:
     global INTERPRET
     INTERPRET = args.smoke
     if args.smoke:
-        SHAPE.update(hq=16, hkv=2, d=32)
+        SHAPE.update(hq=16, hkv=2, d=64)
     lines = []
 
     def log(line=""):
@@ -405,7 +416,7 @@ def main(argv=None) -> int:
     if not passed.get("nsa-triton"):
         log("check FAILED for the default NSA decode kernels: no timings")
         return 1
-    variants = {k: v for k, v in nsa_variants().items() if passed.get(k)}
+    variants = {k: fn for k, (fn, _) in nsa_variants().items() if passed.get(k)}
     steps = args.steps or (4 if smoke else 200)
     if smoke:
         configs = [(2048, 1), (2048, 2)]
@@ -414,7 +425,7 @@ def main(argv=None) -> int:
     else:
         configs = [(65536, 1), (65536, 32), (8192, 1)]
     result = dict(device=device, jax=jax.__version__, hbm_tbps=hbm, check=passed,
-                  op=bench_ops(configs, variants, steps, hbm, log))
+                  op=bench_ops(configs, variants, steps, hbm, not args.quick, log))
     if not args.quick:
         result["model"] = bench_model(2048 if smoke else 65536, 2 if smoke else 8,
                                       2 if smoke else 32, smoke, log)

@@ -237,9 +237,7 @@ def _compressed_kernel(pos_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, mt_r
     q = q_ref[...]
     kb, first_tile = geo.tile, pl.program_id(2) * geo.tiles_per_split
     weights = _overlap_weights(geo)
-    # tiles whose own slots, or the X before them, hold a visible compressed token
-    reach = jnp.minimum(geo.tiles, (visible + geo.extra + kb - 1) // kb)
-    live = jnp.clip(reach - first_tile, 0, geo.tiles_per_split)
+    live = jnp.clip(reach(visible, geo) - first_tile, 0, geo.tiles_per_split)
     precision = common.dot_precision(q.dtype)
 
     def tile(j, carry):
@@ -255,19 +253,19 @@ def _compressed_kernel(pos_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, mt_r
     carry = jax.lax.fori_loop(0, live, tile, common.empty_softmax(geo.gp, v_ref.shape[-1]))
     _store_softmax((m_ref, l_ref, acc_ref), *carry)
 
-    def empty(j, _):  # tiles nothing reaches: no block score there
-        mt_ref[first_tile + j] = jnp.full((geo.gp,), MASKED, jnp.float32)
-        bs_ref[first_tile + j] = jnp.zeros((geo.gp, geo.blocks), jnp.float32)
 
-    end = jnp.clip(geo.padded_tiles - first_tile, 0, geo.tiles_per_split)
-    jax.lax.fori_loop(live, end, empty, None)
+def reach(visible, geo: Geometry):
+    """Tiles [0, reach) hold a visible compressed token in their slots or in the X before them:
+    the only tiles with block partials (the rest of mt and bs is never written)."""
+    return jnp.minimum(geo.tiles, (visible + geo.extra + geo.tile - 1) // geo.tile)
 
 
 def compressed_partials(q, k_cmp, v_cmp, position, cfg: NSAConfig, geo: Geometry, *,
                         scale: float, num_warps: int = 4, num_stages: int = 2,
                         interpret: bool = False):
     """q [B, Hkv, Gp, Dk] -> split partials m, l [B, Hkv, S, Gp], acc [B, Hkv, S, Gp, Dv] and
-    block partials mt [B, Hkv, T_pad, Gp], bs [B, Hkv, T_pad, Gp, nb] (float32)."""
+    block partials mt [B, Hkv, T_pad, Gp], bs [B, Hkv, T_pad, Gp, nb] (float32; tiles past
+    `reach` are not written)."""
     b, hkv, gp, dk = q.shape
     c, dv = k_cmp.shape[1], v_cmp.shape[-1]
     s, tp, nb = geo.splits, geo.padded_tiles, geo.blocks
@@ -302,12 +300,15 @@ def _select_kernel(pos_ref, m_ref, l_ref, mt_ref, bs_ref, lse_ref, scores_ref, i
     lse = jnp.where(usable, lse, 0.0)
     current = t // cfg.select_block
     tc, nb = geo.select_tiles, geo.blocks
+    written = reach(cfg.num_visible_compressed(t), geo)
 
     def chunk(c, _):
         first = pl.multiple_of(c * tc, tc)
-        factor = jnp.where(usable[None, :], jnp.exp(mt_ref[pl.ds(first, tc), :] - lse[None, :]),
-                           0.0)  # [tc, Gp]
-        score = jnp.sum(bs_ref[pl.ds(first, tc), :, :] * factor[:, :, None], axis=1)  # [tc, nb]
+        tile = first + jax.lax.broadcasted_iota(jnp.int32, (tc,), 0)
+        use = (tile < written)[:, None] & usable[None, :]  # [tc, Gp]; unwritten tiles score 0
+        factor = jnp.where(use, jnp.exp(mt_ref[pl.ds(first, tc), :] - lse[None, :]), 0.0)
+        score = jnp.sum(jnp.where(use[:, :, None], bs_ref[pl.ds(first, tc), :, :]
+                                  * factor[:, :, None], 0.0), axis=1)  # [tc, nb]
         block = ((first + jax.lax.broadcasted_iota(jnp.int32, (tc, nb), 0)) * nb
                  + jax.lax.broadcasted_iota(jnp.int32, (tc, nb), 1))
         scores_ref[pl.ds(first, tc), :] = select_blocks.candidates(score, block, current,
@@ -462,11 +463,14 @@ def combine(gates, cmp_partials, sparse, geo: Geometry, dtype, *, num_warps: int
 # --- entry point ----------------------------------------------------------------------------------
 
 def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig, *, k_win=None,
-                         v_win=None, scale=None, interpret=False, tiling: Tiling | None = None):
+                         v_win=None, scale=None, interpret=False, tiling: Tiling | None = None,
+                         compressed=None):
     """NSA for one new query per sequence: the semantics and arguments of
     ops.nsa_decode_attention (q [B, Hq, Dk], caches as nsa_jax.generation.cache lays them out,
     gates [B, Hq, 3], position [B] int) -> (out [B, Hq, Dv], {"indices": [B, Hkv, n] sorted,
-    "lse_cmp": [B, Hq] float32}). Shapes must pass `supports` (ValueError otherwise)."""
+    "lse_cmp": [B, Hq] float32}). Shapes must pass `supports` (ValueError otherwise).
+    `compressed`: the compressed pass, `compressed_partials` or one with its contract
+    (pallas_kernels.gpu.mosaic.decode_attention's)."""
     tiling = tiling or Tiling()
     if not supports(q, k, v, k_cmp, v_cmp, gates, position, cfg, k_win=k_win, v_win=v_win,
                     tiling=tiling):
@@ -485,7 +489,8 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     launch = dict(scale=float(dk ** -0.5 if scale is None else scale), interpret=interpret,
                   num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     position = position.astype(jnp.int32)
-    cmp_partials = compressed_partials(q_g, k_cmp, v_cmp, position, cfg, geo, **launch)
+    cmp_partials = (compressed or compressed_partials)(q_g, k_cmp, v_cmp, position, cfg, geo,
+                                                      **launch)
     m, l, _, mt, bs = cmp_partials
     lse, _, ids = select_top_n(m, l, mt, bs, position, cfg, geo, num_warps=tiling.select_warps,
                                interpret=interpret)
