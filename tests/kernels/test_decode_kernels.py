@@ -13,7 +13,7 @@ from nsa_jax.ops.decode_attention import decode_block_scores, group_queries
 from nsa_jax.ops.selection import candidate_scores
 from pallas_kernels.gpu.triton import decode_attention
 from tests.helpers.inputs import rel_err
-from tests.helpers.kernels import export_for_cuda
+from tests.helpers.kernels import DECODE_SHAPES, decode_specs, export_for_cuda
 
 # l != d (compressed tokens overlap, so chunks spill into the next tile's first block), l' != l,
 # the window (24) not a multiple of l' (its tiles straddle it), n > forced blocks; l'/d = 4, so a
@@ -119,24 +119,17 @@ def test_small_compressed_tiles_are_refused(key):
         decode_attention.nsa_decode_attention(*call, jnp.array([5], jnp.int32), CFG)
 
 
-@pytest.mark.parametrize("batch,hq,hkv,d,extra", [(1, 64, 4, 128, 0), (32, 64, 4, 128, 0),
-                                                   (8, 8, 2, 64, 128)])
-def test_kernels_lower_for_cuda(monkeypatch, batch, hq, hkv, d, extra):
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+def test_kernels_lower_for_cuda(monkeypatch, shape):
     """The paper's shape at 64k context (batch 1 and 32), and the small model's (G = 4, D = 64)
     with room for new tokens: the real Pallas -> Triton lowering runs on CPU, so shapes the GPU
     rejects fail here."""
     monkeypatch.setattr(dispatch, "backend", lambda: "gpu")  # compile, not interpret
-    cfg = NSAConfig()
-    slots = 65536 + extra
-    compressed = -(-(slots // 16) // 128) * 128
-    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
-    shapes = (bf16(batch, hq, d), bf16(batch, slots, hkv, d), bf16(batch, slots, hkv, d),
-              bf16(batch, compressed, hkv, d), bf16(batch, compressed, hkv, d),
-              bf16(batch, hq, 3), jax.ShapeDtypeStruct((batch,), jnp.int32))
+    specs = decode_specs(*shape)
     exported = export_for_cuda(
-        lambda *a: ops.nsa_decode_attention(*a, cfg, implementation="pallas"), *shapes)
+        lambda *a: ops.nsa_decode_attention(*a, NSAConfig(), implementation="pallas"), *specs)
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4  # not the xla fallback
-    assert exported.out_avals[0].shape == (batch, hq, d)
+    assert exported.out_avals[0].shape == specs[0].shape
 
 
 def test_lowering_rejects_a_tile_the_gpu_cannot_take():

@@ -15,7 +15,7 @@ from pallas_kernels.gpu.mosaic import common
 from pallas_kernels.gpu.mosaic import decode_attention as mosaic
 from pallas_kernels.gpu.triton import decode_attention as triton
 from tests.helpers.inputs import rel_err
-from tests.helpers.kernels import CompiledOrInterpreted
+from tests.helpers.kernels import DECODE_SHAPES, CompiledOrInterpreted, decode_specs
 
 CFG = NSAConfig()  # the paper's l=32, d=16, l'=64 (X = 16 slots before each tile), n=16, w=512
 SLOTS = 8192  # 512 compressed slots: 4 tiles of 128
@@ -96,21 +96,14 @@ def test_supports_16_bit_caches_with_64_wide_heads(key):
         mosaic.nsa_decode_attention(*call(narrow))
 
 
-@pytest.mark.parametrize("batch,hq,hkv,d,extra", [(1, 64, 4, 128, 0), (32, 64, 4, 128, 0),
-                                                   (8, 8, 2, 64, 128)])
-def test_lowers_for_cuda(batch, hq, hkv, d, extra):
-    """Paper shape at 64k (batch 1 and 32) and the small model's with room for new tokens: the
-    Mosaic pass and the three Triton launches lower on CPU for an H100."""
-    slots = 65536 + extra
-    compressed = -(-(slots // 16) // 128) * 128
-    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
-    shapes = (bf16(batch, hq, d), bf16(batch, slots, hkv, d), bf16(batch, slots, hkv, d),
-              bf16(batch, compressed, hkv, d), bf16(batch, compressed, hkv, d),
-              bf16(batch, hq, 3), jax.ShapeDtypeStruct((batch,), jnp.int32))
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+def test_lowers_for_cuda(shape):
+    """The Mosaic pass and the three Triton launches lower on CPU for an H100."""
+    specs = decode_specs(*shape)
     fn = jax.jit(lambda *a: mosaic.nsa_decode_attention(*a, NSAConfig())[0])
     with common.abstract_hopper():
         exported = export.export(fn, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*specs)
     text = exported.mlir_module()
     assert "mosaic_gpu" in text and text.count("__gpu$xla.gpu.triton") == 3
-    assert exported.out_avals[0].shape == (batch, hq, d)
+    assert exported.out_avals[0].shape == specs[0].shape

@@ -339,7 +339,8 @@ def select_top_n(m, l, mt, bs, position, cfg: NSAConfig, geo: Geometry, *, num_w
     b, hkv, s, gp = m.shape
     tp, nb = geo.padded_tiles, geo.blocks
     width = common.pow2(cfg.num_selected)
-    head = lambda *block: pl.BlockSpec((None, None, *block), lambda i, h: (i, h) + (0,) * len(block))
+    head = lambda *block: pl.BlockSpec((None, None, *block),
+                                       lambda i, h: (i, h) + (0,) * len(block))
     return pl.pallas_call(
         functools.partial(_select_kernel, geo=geo, cfg=cfg, interpret=interpret),
         grid=(b, hkv),
