@@ -7,8 +7,9 @@ Run on one GPU (H200), from the repository root:
     python experiments/bench_decode.py --smoke    # CPU self-test of this script (interpret mode)
 Prints a short table; with $OUT set also writes $OUT/bench_decode.json and $OUT/bench_decode.md.
 
-1. check: every NSA decode implementation timed below (the Triton kernels; the Mosaic GPU
-   compressed pass on Hopper) against the xla decode path on this GPU, float32 and bfloat16, one
+1. check: every NSA decode implementation timed below (the Triton kernels with automatic
+   splits, and with one compressed split that also ranks the blocks; the Mosaic GPU compressed
+   pass on Hopper) against the xla decode path on this GPU, float32 and bfloat16, one
    batch whose rows sit on compressed-token, selection-block and tile boundaries (so its rows
    have different lengths); and cuDNN's decode against the xla dense decode. Exit 1 if the
    default implementation fails; a failing variant is reported and not timed.
@@ -102,15 +103,18 @@ def nsa_variants():
     from pallas_kernels.gpu.mosaic import decode_attention as mosaic
     from pallas_kernels.gpu.triton import decode_attention as triton
 
-    def kernel(entry, context=contextlib.nullcontext):
+    def kernel(entry, context=contextlib.nullcontext, tiling=None):
         def run(a):
             with context():
                 return entry(a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"],
-                             a["position"], CFG, interpret=INTERPRET)
+                             a["position"], CFG, interpret=INTERPRET, tiling=tiling)
         return run
 
-    variants = {"nsa-triton": (kernel(triton.nsa_decode_attention),
-                               (jnp.float32, jnp.bfloat16))}
+    both = (jnp.float32, jnp.bfloat16)
+    variants = {"nsa-triton": (kernel(triton.nsa_decode_attention), both),
+                # one compressed split per (sequence, KV head), the top-n inside it: 3 launches
+                "nsa-triton-fused": (kernel(triton.nsa_decode_attention,
+                                            tiling=triton.Tiling(compressed_splits=1)), both)}
     if ops.backend() == "hopper" or INTERPRET:
         interpreted = common.abstract_hopper if INTERPRET else contextlib.nullcontext
         variants["nsa-mosaic"] = (kernel(mosaic.nsa_decode_attention, interpreted),

@@ -61,6 +61,7 @@ def _decode(args, position, implementation, tiling=None):
     (8, 1, 32, jnp.float32, decode_attention.Tiling(compressed_tile=64, compressed_splits=2,
                                                     units=2)),  # a ring, MQA, 2 tiles a split
     (4, 2, 32, jnp.bfloat16, decode_attention.Tiling(compressed_tile=64, units=4)),
+    (4, 2, None, jnp.float32, decode_attention.Tiling(compressed_splits=1)),  # top-n fused
 ])
 def test_interpret_kernels_match_xla_decode(key, hq, hkv, ring, dtype, tiling):
     args = _cache(key, 7, SLOTS, hq, hkv, 16, ring, dtype)
@@ -130,6 +131,14 @@ def test_kernels_lower_for_cuda(monkeypatch, shape):
         lambda *a: ops.nsa_decode_attention(*a, NSAConfig(), implementation="pallas"), *specs)
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4  # not the xla fallback
     assert exported.out_avals[0].shape == specs[0].shape
+
+
+def test_fused_top_n_lowers_for_cuda():
+    """One compressed split per (sequence, KV head) ranks the blocks itself: three launches."""
+    fn = lambda *a: decode_attention.nsa_decode_attention(
+        *a, NSAConfig(), tiling=decode_attention.Tiling(compressed_splits=1))[0]
+    exported = export_for_cuda(fn, *decode_specs(*DECODE_SHAPES[1]))
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
 
 
 def test_lowering_rejects_a_tile_the_gpu_cannot_take():

@@ -22,6 +22,7 @@ and softmax staging 41 KiB: 210 KiB of 227.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -53,7 +54,7 @@ def supports(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig, *, k_win=No
              scale=None, tiling: triton.Tiling | None = None) -> bool:
     """The Triton kernels' shapes, 16-bit caches, head dims that are multiples of 64 (128-byte
     swizzled rows), G <= 64 and the SMEM budget."""
-    tiling = tiling or triton.Tiling()
+    tiling = _unfused(tiling)
     if not triton.supports(q, k, v, k_cmp, v_cmp, gates, position, cfg, k_win=k_win,
                            v_win=v_win, tiling=tiling):
         return False
@@ -61,6 +62,11 @@ def supports(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig, *, k_win=No
     dk, dv = q.shape[-1], v.shape[-1]
     return (jnp.dtype(q.dtype) in DTYPES and dk % 64 == 0 and dv % 64 == 0 and geo.gp <= ROWS
             and smem_bytes(geo, dk, dv, jnp.dtype(q.dtype).itemsize) <= SMEM_BYTES)
+
+
+def _unfused(tiling):
+    """This pass leaves the top-n to its own launch."""
+    return dataclasses.replace(tiling or triton.Tiling(), fuse_select=False)
 
 
 def _masked(x, keep, fill):
@@ -212,4 +218,4 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
                          f"{q.shape} {q.dtype}, k_cmp {k_cmp.shape}, v {v.shape}")
     return triton.nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg, k_win=k_win,
                                        v_win=v_win, scale=scale, interpret=interpret,
-                                       tiling=tiling, compressed=compressed_partials)
+                                       tiling=_unfused(tiling), compressed=compressed_partials)

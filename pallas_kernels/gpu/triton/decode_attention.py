@@ -45,7 +45,7 @@ from pallas_kernels import MASKED
 from pallas_kernels.gpu.triton import common, select_blocks
 
 TARGET_PROGRAMS = 264  # two per SM of an H100 / H200 (132 SMs): what the automatic splits aim at
-SELECT_CHUNK = 4096  # block-partial elements the top-n kernel loads per step
+SELECT_CHUNK = 8192  # block-partial elements the top-n kernel loads per step
 MAX_BLOCKS = 1 << 14  # selection blocks the top-n kernel ranks in registers (1M tokens at l'=64)
 
 
@@ -57,6 +57,8 @@ class Tiling:
     compressed_splits: int | None = None  # S: programs per (sequence, KV head), compressed pass
     units: int | None = None  # selected blocks or window tiles per sparse program
     combine_columns: int | None = None  # dvb: Dv columns per combine program
+    fuse_select: bool | None = None  # the top-n inside the compressed pass (one split only);
+                                     # None: whenever S = 1
     num_warps: int = 4
     num_stages: int = 2
     select_warps: int = 8
@@ -96,6 +98,7 @@ class Geometry:
     units: int
     half: int  # H: programs per branch of the sparse kernel (a power of 2)
     columns: int  # dvb
+    fused: bool  # the compressed pass (S = 1) also ranks the blocks: three launches, not four
     plan: select_blocks.Plan  # the tile's overlap weights and forced-block rule
 
     @classmethod
@@ -121,7 +124,8 @@ class Geometry:
                    padded_tiles=padded, tiles_per_split=per_split, splits=splits,
                    extra=-(-(cfg.compress_block // cfg.compress_stride - 1) // 16) * 16,
                    select_tiles=min(padded, _floor_pow2(SELECT_CHUNK // (gp * plan.blocks))),
-                   units=units, half=half, columns=columns, plan=plan)
+                   units=units, half=half, columns=columns, plan=plan,
+                   fused=splits == 1 if tiling.fuse_select is None else tiling.fuse_select)
 
     @staticmethod
     def _auto_units(heads: int, cfg: NSAConfig) -> int:
@@ -148,6 +152,7 @@ class Geometry:
             (self.padded_tiles * self.blocks <= MAX_BLOCKS,
              f"at most {MAX_BLOCKS} selection blocks in the compressed cache"),
             (v.shape[-1] % self.columns == 0, f"Dv a multiple of {self.columns}"),
+            (self.splits == 1 or not self.fused, "one compressed split to fuse the top-n"),
         )
         return next((why for ok, why in checks if not ok), None)
 
@@ -230,8 +235,9 @@ def _block_partials(q, s, own, k_ref, first, visible, weights, geo: Geometry, sc
     return mt, bs
 
 
-def _compressed_kernel(pos_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, mt_ref, bs_ref, *,
-                       geo: Geometry, cfg: NSAConfig, scale: float):
+def _compressed_kernel(pos_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, mt_ref, bs_ref,
+                       *select_refs, geo: Geometry, cfg: NSAConfig, scale: float,
+                       interpret: bool):
     t = pos_ref[...]
     visible = cfg.num_visible_compressed(t)
     q = q_ref[...]
@@ -252,6 +258,12 @@ def _compressed_kernel(pos_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, mt_r
 
     carry = jax.lax.fori_loop(0, live, tile, common.empty_softmax(geo.gp, v_ref.shape[-1]))
     _store_softmax((m_ref, l_ref, acc_ref), *carry)
+    if geo.fused:  # the whole cache was this program's: its softmax state gives the LSE
+        if not interpret:  # mt and bs, written by every thread, visible to every thread
+            pltriton.debug_barrier()
+        _, m, l = carry
+        lse = merge_stats(m.reshape(1, geo.gp), l.reshape(1, geo.gp))[2]
+        _select(t, lse, mt_ref, bs_ref, *select_refs, geo=geo, cfg=cfg, interpret=interpret)
 
 
 def reach(visible, geo: Geometry):
@@ -265,7 +277,7 @@ def compressed_partials(q, k_cmp, v_cmp, position, cfg: NSAConfig, geo: Geometry
                         interpret: bool = False):
     """q [B, Hkv, Gp, Dk] -> split partials m, l [B, Hkv, S, Gp], acc [B, Hkv, S, Gp, Dv] and
     block partials mt [B, Hkv, T_pad, Gp], bs [B, Hkv, T_pad, Gp, nb] (float32; tiles past
-    `reach` are not written)."""
+    `reach` are not written); with geo.fused, also `select_top_n`'s three outputs."""
     b, hkv, gp, dk = q.shape
     c, dv = k_cmp.shape[1], v_cmp.shape[-1]
     s, tp, nb = geo.splits, geo.padded_tiles, geo.blocks
@@ -274,16 +286,18 @@ def compressed_partials(q, k_cmp, v_cmp, position, cfg: NSAConfig, geo: Geometry
                                             lambda i, h, j: (i, h, j) + (0,) * len(block))
     per_head = lambda *block: pl.BlockSpec((None, None, *block),
                                            lambda i, h, j: (i, h) + (0,) * len(block))
+    selection = _selection_outputs(b, hkv, geo, cfg, per_head) if geo.fused else ([], [])
     return pl.pallas_call(
-        functools.partial(_compressed_kernel, geo=geo, cfg=cfg, scale=scale),
+        functools.partial(_compressed_kernel, geo=geo, cfg=cfg, scale=scale,
+                          interpret=interpret),
         grid=(b, hkv, s),
         in_specs=[pl.BlockSpec((None,), lambda i, h, j: (i,)), per_head(gp, dk),
                   pl.BlockSpec((None, c, None, dk), lambda i, h, j: (i, 0, h, 0)),
                   pl.BlockSpec((None, c, None, dv), lambda i, h, j: (i, 0, h, 0))],
         out_specs=[per_split(gp), per_split(gp), per_split(gp, dv), per_head(tp, gp),
-                   per_head(tp, gp, nb)],
+                   per_head(tp, gp, nb), *selection[0]],
         out_shape=[f32(b, hkv, s, gp), f32(b, hkv, s, gp), f32(b, hkv, s, gp, dv),
-                   f32(b, hkv, tp, gp), f32(b, hkv, tp, gp, nb)],
+                   f32(b, hkv, tp, gp), f32(b, hkv, tp, gp, nb), *selection[1]],
         compiler_params=common.compiler_params(num_warps, num_stages),
         interpret=interpret, name="nsa_decode_compressed",
     )(position, q, k_cmp, v_cmp)
@@ -291,10 +305,15 @@ def compressed_partials(q, k_cmp, v_cmp, position, cfg: NSAConfig, geo: Geometry
 
 # --- 2. LSE and top-n -----------------------------------------------------------------------------
 
-def _select_kernel(pos_ref, m_ref, l_ref, mt_ref, bs_ref, lse_ref, scores_ref, ids_ref, *,
-                   geo: Geometry, cfg: NSAConfig, interpret: bool):
-    t = pos_ref[...]
-    _, _, lse = merge_stats(m_ref[...], l_ref[...])
+def _select_kernel(pos_ref, m_ref, l_ref, mt_ref, bs_ref, *out_refs, geo: Geometry,
+                   cfg: NSAConfig, interpret: bool):
+    _select(pos_ref[...], merge_stats(m_ref[...], l_ref[...])[2], mt_ref, bs_ref, *out_refs,
+            geo=geo, cfg=cfg, interpret=interpret)
+
+
+def _select(t, lse, mt_ref, bs_ref, lse_ref, scores_ref, ids_ref, *, geo: Geometry,
+            cfg: NSAConfig, interpret: bool):
+    """The compressed LSE [Gp] and the block partials -> the block scores and the top-n."""
     lse_ref[...] = lse
     usable = (jax.lax.broadcasted_iota(jnp.int32, (geo.gp,), 0) < geo.groups) & (lse > -jnp.inf)
     lse = jnp.where(usable, lse, 0.0)
@@ -338,21 +357,26 @@ def select_top_n(m, l, mt, bs, position, cfg: NSAConfig, geo: Geometry, *, num_w
     none, columns >= n junk). Rows >= G are padding."""
     b, hkv, s, gp = m.shape
     tp, nb = geo.padded_tiles, geo.blocks
-    width = common.pow2(cfg.num_selected)
     head = lambda *block: pl.BlockSpec((None, None, *block),
                                        lambda i, h: (i, h) + (0,) * len(block))
+    out_specs, out_shape = _selection_outputs(b, hkv, geo, cfg, head)
     return pl.pallas_call(
         functools.partial(_select_kernel, geo=geo, cfg=cfg, interpret=interpret),
         grid=(b, hkv),
         in_specs=[pl.BlockSpec((None,), lambda i, h: (i,)), head(s, gp), head(s, gp),
                   head(tp, gp), head(tp, gp, nb)],
-        out_specs=[head(gp), head(tp, nb), head(width)],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, gp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, tp, nb), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, width), jnp.int32)],
+        out_specs=out_specs, out_shape=out_shape,
         compiler_params=common.compiler_params(num_warps, 1),
         interpret=interpret, name="nsa_decode_select",
     )(position, m, l, mt, bs)
+
+
+def _selection_outputs(b, hkv, geo: Geometry, cfg: NSAConfig, head):
+    """(specs, shapes) of the selection's outputs: lse, block scores, chosen ids."""
+    shapes = [jax.ShapeDtypeStruct((b, hkv, geo.gp), jnp.float32),
+              jax.ShapeDtypeStruct((b, hkv, geo.padded_tiles, geo.blocks), jnp.float32),
+              jax.ShapeDtypeStruct((b, hkv, common.pow2(cfg.num_selected)), jnp.int32)]
+    return [head(*x.shape[2:]) for x in shapes], shapes
 
 
 # --- 3. selected blocks and window ----------------------------------------------------------------
@@ -492,9 +516,11 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     position = position.astype(jnp.int32)
     cmp_partials = (compressed or compressed_partials)(q_g, k_cmp, v_cmp, position, cfg, geo,
                                                       **launch)
-    m, l, _, mt, bs = cmp_partials
-    lse, _, ids = select_top_n(m, l, mt, bs, position, cfg, geo, num_warps=tiling.select_warps,
-                               interpret=interpret)
+    if geo.fused:
+        lse, _, ids = cmp_partials[5:]
+    else:
+        lse, _, ids = select_top_n(*cmp_partials[:2], *cmp_partials[3:5], position, cfg, geo,
+                                   num_warps=tiling.select_warps, interpret=interpret)
     sparse = sparse_partials(q_g, k, v, k_win, v_win, ids, position, cfg, geo, **launch)
     out = combine(grouped(gates), cmp_partials[:3], sparse, geo, q.dtype,
                   num_warps=tiling.num_warps, interpret=interpret)
