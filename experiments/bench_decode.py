@@ -66,6 +66,7 @@ GRAPH_MODES = {"off": "--xla_gpu_enable_command_buffer=",  # the default is time
 NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
              "opt-barrier", "partition-id", "replica-id"}
 INTERPRET = False  # --smoke: kernels in interpret mode on CPU
+MODEL_S, GRAPHS_S = 120, 60  # what the model and graphs sections take, compiles included
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -392,6 +393,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per chained loop "
                         "(default 200; model 32)")
     parser.add_argument("--hbm-tbps", type=float, default=None)
+    parser.add_argument("--budget-s", type=float, default=330.0, help="sections that would "
+                        "likely end past this many seconds are skipped (one device call)")
     parser.add_argument("--child-op", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_op:
@@ -430,11 +433,15 @@ def main(argv=None) -> int:
         configs = [(65536, 1), (65536, 32), (8192, 1)]
     result = dict(device=device, jax=jax.__version__, hbm_tbps=hbm, check=passed,
                   op=bench_ops(configs, variants, steps, hbm, not args.quick, log))
-    if not args.quick:
+    left = lambda: args.budget_s - (time.perf_counter() - started)
+    if not args.quick and (smoke or left() > MODEL_S):
         result["model"] = bench_model(2048 if smoke else 65536, 2 if smoke else 8,
                                       2 if smoke else 32, smoke, log)
-    if not (args.quick or smoke):
+    if not (args.quick or smoke) and left() > GRAPHS_S:
         result["graphs"] = bench_graphs(65536, steps, log)
+    for name, need in (("model", MODEL_S), ("graphs", GRAPHS_S)):
+        if name not in result and not args.quick and not (smoke and name == "model"):
+            log(f"# {name} skipped: under {need} s of the {args.budget_s:.0f} s budget left")
     log(f"# {time.perf_counter() - started:.0f} s")
     _write(result, lines)
     return 0

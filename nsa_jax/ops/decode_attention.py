@@ -31,10 +31,12 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     scale defaults to 1/sqrt(Dk).
 
     implementation: "reference" (dense masks over the cache, float32), "xla", "pallas" (the
-    Triton decode kernels on CPU in interpret mode, GPU and Hopper, for bf16/f16/f32 caches with
-    power-of-two head dims, select_block >= 16 and a compressed cache of whole kernel tiles; xla
-    otherwise and on TPU) or None (pallas on GPU/TPU, xla on CPU); ops.dispatch.TABLE. Raises
-    ValueError for bad arguments.
+    Triton decode kernels, four launches split over the cache, on CPU in interpret mode, GPU and
+    Hopper, for bf16/f16/f32 caches with power-of-two head dims, select_block >= 16 and a
+    compressed cache of whole kernel tiles of >= 16 selection blocks (generation.cache lays it
+    out so); xla otherwise and on TPU; pallas_kernels.gpu.mosaic.decode_attention is the same
+    with a Mosaic GPU compressed pass) or None (pallas on GPU/TPU, xla on CPU);
+    ops.dispatch.TABLE. Raises ValueError for bad arguments.
     """
     validation.check_config(cfg)
     if (k_win is None) != (v_win is None):
