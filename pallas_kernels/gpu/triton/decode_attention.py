@@ -5,7 +5,8 @@ At batch 1 a step reads a few MB (64k context, paper shape: 4096 compressed slot
 64 keys, 512 window keys, 4 KV heads x 128 dims: 11.5 MB), microseconds of HBM time: the step is
 bound by launches, by the dependency compressed scores -> top-n -> selected blocks, and by grids
 too small for 132 SMs. So the work is split over programs (split-K, flash-decoding) and a step is
-four launches, no XLA work in between when G is a power of 2 >= 16 (the paper's 16):
+four launches (three when the top-n runs inside a single-split compressed pass), no XLA work
+around them when G is a power of 2 >= 16 (the paper's 16):
 
 1. `compressed_partials`, grid (B, Hkv, S): split s walks its share of the compressed cache in
    tiles of kb slots (online softmax): softmax partials (m, l, acc) per split, and per tile the
@@ -21,7 +22,8 @@ four launches, no XLA work in between when G is a power of 2 >= 16 (the paper's 
 3. `sparse_partials`, grid (B, Hkv, 2H): program j < H attends to `units` selected blocks,
    program H + j to `units` of the W aligned l'-key tiles that cover the window; softmax partials.
 4. `combine`, grid (B, Hkv, Dv / dvb): merges each branch's partials and forms the gated sum
-   (nsa_jax.branches' order and rounding), a column slice of Dv per program.
+   (nsa_jax.branches' order and rounding), a column slice of Dv per program, G rows when G is
+   a power of 2 (so a small group costs one XLA pad of q, nothing else).
 
 The splits S and units per sparse program are chosen so that about TARGET_PROGRAMS programs run
 (`Tiling` overrides them). Layouts inside: q [B, Hkv, Gp, Dk] with Gp a power of two >= 16 (zero
@@ -462,24 +464,27 @@ def _combine_kernel(gates_ref, *refs, dtype):
 
 def combine(gates, cmp_partials, sparse, geo: Geometry, dtype, *, num_warps: int = 4,
             interpret: bool = False):
-    """gates [B, Hkv, Gp, 3], the compressed split partials and the sparse partials -> out
-    [B, Hkv, Gp, Dv] in `dtype`: each branch merged and rounded to dtype, then gated and summed
-    in float32 (nsa_jax.branches.combine_branches)."""
+    """gates [B, Hkv, R, 3], the compressed split partials and the sparse partials -> out
+    [B, Hkv, R, Dv] in `dtype` for the first R rows (R: G when it is a power of 2, so no XLA
+    slice follows; else Gp): each branch merged and rounded to dtype, then gated and summed in
+    float32 (nsa_jax.branches.combine_branches)."""
     m, _, acc = cmp_partials
-    b, hkv, s, gp, dv = acc.shape
+    b, hkv, s, _, dv = acc.shape
+    rows = gates.shape[2]
     cols, h = geo.columns, geo.half
-    stats = lambda rows, at: pl.BlockSpec((None, None, rows, gp), lambda i, k, c: (i, k, at, 0))
-    values = lambda rows, at: pl.BlockSpec((None, None, rows, gp, cols),
-                                           lambda i, k, c: (i, k, at, 0, c))
+    stats = lambda n, at: pl.BlockSpec((None, None, n, rows), lambda i, k, c: (i, k, at, 0))
+    values = lambda n, at: pl.BlockSpec((None, None, n, rows, cols),
+                                        lambda i, k, c: (i, k, at, 0, c))
     branch_specs = [stats(s, 0), stats(s, 0), values(s, 0)]
     for at in (0, 1):  # the sparse partials: selected half, window half
         branch_specs += [stats(h, at), stats(h, at), values(h, at)]
     return pl.pallas_call(
         functools.partial(_combine_kernel, dtype=dtype),
         grid=(b, hkv, dv // cols),
-        in_specs=[pl.BlockSpec((None, None, gp, 3), lambda i, k, c: (i, k, 0, 0)), *branch_specs],
-        out_specs=pl.BlockSpec((None, None, gp, cols), lambda i, k, c: (i, k, 0, c)),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, gp, dv), dtype),
+        in_specs=[pl.BlockSpec((None, None, rows, 3), lambda i, k, c: (i, k, 0, 0)),
+                  *branch_specs],
+        out_specs=pl.BlockSpec((None, None, rows, cols), lambda i, k, c: (i, k, 0, c)),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, rows, dv), dtype),
         compiler_params=common.compiler_params(num_warps, 1),
         interpret=interpret, name="nsa_decode_combine",
     )(gates, *cmp_partials, *sparse, *sparse)
@@ -509,8 +514,9 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     hkv, dv = k.shape[2], v.shape[-1]
     geo = Geometry.of(q, k_cmp, v, cfg, tiling)
     g, gp = geo.groups, geo.gp
-    grouped = lambda x: common.pad_to(x.reshape(b, hkv, g, x.shape[-1]), (None, None, gp, None))
-    q_g = grouped(q)
+    grouped = lambda x, rows: common.pad_to(x.reshape(b, hkv, g, x.shape[-1]),
+                                            (None, None, rows, None))
+    q_g = grouped(q, gp)
     launch = dict(scale=float(dk ** -0.5 if scale is None else scale), interpret=interpret,
                   num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     position = position.astype(jnp.int32)
@@ -522,8 +528,8 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
         lse, _, ids = select_top_n(*cmp_partials[:2], *cmp_partials[3:5], position, cfg, geo,
                                    num_warps=tiling.select_warps, interpret=interpret)
     sparse = sparse_partials(q_g, k, v, k_win, v_win, ids, position, cfg, geo, **launch)
-    out = combine(grouped(gates), cmp_partials[:3], sparse, geo, q.dtype,
-                  num_warps=tiling.num_warps, interpret=interpret)
+    out = combine(grouped(gates, g if common.is_pow2(g) else gp), cmp_partials[:3], sparse,
+                  geo, q.dtype, num_warps=tiling.num_warps, interpret=interpret)
     n = cfg.num_selected
     return (out[:, :, :g].reshape(b, hq, dv),
             {"indices": layout.sorted_block_ids(ids[..., :n]),
