@@ -40,6 +40,8 @@ def test_override_of_wrong_type_is_an_error():
     ("steps", 0, "steps must be an int >= 1"),
     ("model.attention", "sparse", "attention must be one of"),
     ("model.nsa.num_selected", 2, "num_selected"),
+    ("model.gate_bias_init", (0.0, 0.0), r"gate_bias_init must be 3 numbers \(cmp, slc, win\)"),
+    ("model.gate_bias_init", (0.0, float("inf"), 0.0), "gate_bias_init must be a number"),
     ("optimizer.learning_rate", -1.0, "learning_rate"),
     ("optimizer.warmup_steps", 8, "warmup_steps"),
     ("data.corpora", "wikipedia", "allowed names"),
