@@ -2,8 +2,8 @@
 config file's get_config() returns (configs/*.py, with command-line overrides) into validated
 frozen dataclasses, one per section.
 
-Top level: name, seed, steps, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep
-(TrainSettings), and the sections data (nsa_jax.data.DataConfig), model (nsa_jax.config.ModelConfig,
+Top level: name, seed, steps, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
+loss_normalization (TrainSettings), and the sections data (nsa_jax.data.DataConfig), model (nsa_jax.config.ModelConfig,
 with model.nsa: NSAConfig), optimizer (OptimizerConfig), mesh (MeshSettings: devices and hosts)
 and eval (EvalSettings, read by nsa-eval). Every value check comes from nsa_jax.config.
 """
@@ -13,8 +13,9 @@ import dataclasses
 import math
 
 from nsa_jax.config import (ModelConfig, NSAConfig, check_keys, from_mapping, require_bool,
-                            require_int, require_number)
+                            require_choice, require_int, require_number)
 from nsa_jax.data import PASSKEY_DIGITS, VOCAB_SIZE, DataConfig, passkey_min_length
+from nsa_jax.models import LOSS_NORMALIZATIONS
 
 SECTIONS = ("data", "model", "optimizer", "mesh", "eval")
 AXES = ("data", "fsdp")  # the device mesh's axes (sharding.py)
@@ -24,7 +25,9 @@ AXES = ("data", "fsdp")  # the device mesh's axes (sharding.py)
 class TrainSettings:
     """Steps count optimizer updates: "step k" is the state after k updates, whose last batch was
     make_train_batch(data, seed, k - 1). Evaluation and checkpoints happen every *_every steps and
-    at the last step."""
+    at the last step. loss_normalization: how the training loss averages over target tokens
+    ("token": over the batch's, "row": over each row's first, then over rows; see
+    nsa_jax.models.mean_loss); validation loss is always per token."""
 
     name: str = "run"
     seed: int = 0
@@ -34,6 +37,7 @@ class TrainSettings:
     eval_batches: int = 8  # validation batches per corpus at each periodic evaluation
     checkpoint_every: int = 500
     max_to_keep: int = 2
+    loss_normalization: str = "token"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -42,6 +46,7 @@ class TrainSettings:
         for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                     "max_to_keep"):
             require_int(f"config {key}", getattr(self, key), 1)
+        require_choice("config loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
