@@ -109,11 +109,14 @@ def study_workdirs(out: pathlib.Path) -> dict[str, dict[int, pathlib.Path]]:
 def train_chunk(config: pathlib.Path, workdir: pathlib.Path, overrides, minutes: float, *,
                 device: int | None = None) -> int:
     """Trains `config` in `workdir` for at most `minutes`; -> the trainer's exit code (0: done).
-    With `device`, only that GPU is visible to it and its output lines are prefixed with it."""
+    With `device`, only that GPU is visible to it (and JAX_PLATFORMS defaults to cuda, so a GPU
+    that is not there is an error, not a silent run on the CPU), and its output lines are
+    prefixed with it."""
     cmd = [sys.executable, "-m", "nsa_jax.train", "--config", str(config),
            "--workdir", str(workdir), *overrides]
     prefix = "" if device is None else f"[gpu {device}] "
-    env = None if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(device)}
+    env = None if device is None else {"JAX_PLATFORMS": "cuda", **os.environ,
+                                       "CUDA_VISIBLE_DEVICES": str(device)}
     print(prefix + "$ " + " ".join(cmd), flush=True)
     piped = subprocess.PIPE if device is not None else None
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=piped,

@@ -107,3 +107,29 @@ def test_a_failing_trainer_stops_the_command(tmp_path, monkeypatch):
     study = runs.study_runs([TINY], [0], tmp_path, ["--config.steps=30"])
     with pytest.raises(SystemExit, match="tiny/seed0 failed with exit code 1"):
         runs.train_within(study, minutes=5)
+
+
+class _FinishedTrainer:
+    stdout = iter(["step 1/1\n"])
+
+    def poll(self):
+        return 0
+
+    def wait(self):
+        return 0
+
+
+def test_a_run_on_one_gpu_sees_only_that_gpu_and_never_the_cpu(tmp_path, monkeypatch, capsys):
+    launched = {}
+
+    def popen(cmd, **kwargs):
+        launched.update(cmd=cmd, **kwargs)
+        return _FinishedTrainer()
+
+    monkeypatch.setattr(runs.subprocess, "Popen", popen)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert runs.train_chunk(TINY, tmp_path, ["--config.steps=1"], 1.0, device=1) == 0
+    assert launched["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert launched["env"]["JAX_PLATFORMS"] == "cuda"
+    assert launched["cmd"][-3:] == ["--workdir", str(tmp_path), "--config.steps=1"]
+    assert "[gpu 1] step 1/1" in capsys.readouterr().out
