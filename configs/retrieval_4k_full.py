@@ -8,8 +8,8 @@ The same model, data, optimizer and steps with model.attention="full", its MLP w
 (tests/experiments/test_study_configs.py holds the two within 1%): NSA's extra parameters are its
 gates, a d_model -> 3 x 8 heads linear map with biases per layer (4 x 24 x 257 = 24,672), so the
 twin gets 8 more MLP units per layer (4 x 8 x 3 x 256 = 24,576).
-`python experiments/budget.py configs/retrieval_4k_full.py` estimates 1.1 minutes of training on
-one H200 (2x: 2.2) + 1.7 minutes of start-up (configs/retrieval_4k_nsa.py says how).
+`python experiments/budget.py configs/retrieval_4k_full.py` estimates 1.3 minutes of training on
+one H200 (2x: 2.5) + 1.7 minutes of start-up (configs/retrieval_4k_nsa.py says how).
 """
 import pathlib
 
