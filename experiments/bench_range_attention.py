@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from experiments.bench_kernels import SHAPES, median_ms
 from nsa_jax import NSAConfig, ops
-from nsa_jax.ops import layout
+from nsa_jax import layout
 from pallas_kernels.gpu.mosaic import common
 from pallas_kernels.gpu.mosaic import range_attention as ra
 

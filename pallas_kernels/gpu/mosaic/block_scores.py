@@ -79,7 +79,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from nsa_jax import layout, selection_rule
 from nsa_jax.config import NSAConfig
+from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.mosaic import common
 
 BLOCK_ROWS = 64  # query positions per program: wgmma's M
@@ -635,3 +637,60 @@ def block_scores(q, k_cmp, lse, slot_start, doc_start, cfg: NSAConfig, *, scale=
     out = _scores_call(st, q, k_pad, lse2, geo.overlap_matrix(), table, leaders, counts,
                        start.reshape(1))
     return out[:, :, :num_queries, :cfg.num_blocks(t)]
+
+
+# ----------------------------------------------------------------------------- the ops' entry point
+
+SCORE_BYTES = 2 ** 31  # the most [B, Hkv, chunk, NB] float32 scores held at once by `select`
+
+
+def supports(q, k_cmp, lse, cfg: NSAConfig, **kwargs) -> bool:
+    """Whether the kernel takes these inputs (16-bit q and k_cmp, Dk a multiple of 64, a
+    tiling that fits); otherwise the dispatcher falls back."""
+    if q.dtype != k_cmp.dtype:
+        return False
+    try:
+        check(cfg, ScoreTiling.for_shape(cfg, q.shape[-1], q.shape[2] // k_cmp.shape[2], q.dtype),
+              q.shape[-1], q.shape[2] // k_cmp.shape[2], q.dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def query_chunk(batch: int, length: int, num_kv_heads: int, cfg: NSAConfig) -> int:
+    """Queries scored per pass: all of them, or as many (a multiple of 64) as keep the scores
+    under SCORE_BYTES, so memory stays linear in T at any length."""
+    per_query = batch * num_kv_heads * cfg.num_blocks(length) * 4
+    chunk = max(BLOCK_ROWS, SCORE_BYTES // per_query // BLOCK_ROWS * BLOCK_ROWS)
+    return min(chunk, -(-length // BLOCK_ROWS) * BLOCK_ROWS)
+
+
+def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None, interpret=False,
+           tiling: ScoreTiling | None = None):
+    """nsa_jax.ops.select_blocks(ops.block_scores(...)) on Hopper: [B, T, Hkv, n] int32 block ids
+    (ascending, -1 slots last), chosen by nsa_jax.selection_rule from this kernel's scores with the
+    Triton top-n (pallas_kernels.gpu.top_n). q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (16-bit),
+    lse [B, T, Hq] float32 (the compressed branch's), segment_ids [B, T] or None. Queries are
+    scored in chunks of `query_chunk` so the [chunk, NB] scores stay bounded. No gradient."""
+    b, t, hq, _ = q.shape
+    hkv = k_cmp.shape[2]
+    slot_start = layout.compressed_layout(segment_ids, b, t, cfg).start
+    doc_start = layout.document_starts(segment_ids, b, t)
+    local_pos = layout.positions(b, t) - doc_start
+    chunk = query_chunk(b, t, hkv, cfg)
+    t_pad = -(-t // BLOCK_ROWS) * BLOCK_ROWS
+    # The last chunk ends at t_pad (it may overlap the one before: those rows come out equal).
+    starts = [min(c, t_pad - chunk) for c in range(0, t, chunk)]
+    rank = functools.partial(selection_rule.rank_keys, cfg=cfg)
+    out = jnp.zeros((b, t_pad, hkv, cfg.num_selected), jnp.int32)
+    for first in starts:
+        scores = block_scores(q, k_cmp, lse, slot_start, doc_start, cfg, scale=scale,
+                              query_start=first, num_queries=chunk, tiling=tiling,
+                              interpret=interpret)  # [B, Hkv, chunk, NB]
+        pos = jnp.pad(local_pos, ((0, 0), (0, t_pad - t)))[:, first:first + chunk]
+        pos = jnp.broadcast_to(pos[:, None], scores.shape[:3]).reshape(-1)
+        keys, ids = top_n.top_n(scores.reshape(-1, scores.shape[-1]), pos, cfg.num_selected,
+                                rank, interpret=interpret)
+        chosen = selection_rule.chosen_blocks(keys, ids).reshape(b, hkv, chunk, -1)
+        out = lax.dynamic_update_slice_in_dim(out, chosen.transpose(0, 2, 1, 3), first, 1)
+    return out[:, :t]

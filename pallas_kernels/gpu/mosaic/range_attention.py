@@ -29,6 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from nsa_jax import layout
+from nsa_jax.config import NSAConfig
 from pallas_kernels.gpu.mosaic import common
 
 BLOCK_ROWS = 64  # query rows per compute warpgroup: wgmma's M
@@ -177,7 +179,7 @@ def compressed_ranges(slot_start_BTc, doc_start_BT, compress_block: int):
     """Key ranges of the compressed branch: (kstart, kend) int32 [B, T].
 
     Slot s (first raw token slot_start[s]; -1 marks padding slots, which come last; valid starts
-    ascend and each document's slots are contiguous, as `nsa_jax.ops.layout.compressed_layout`
+    ascend and each document's slots are contiguous, as `nsa_jax.layout.compressed_layout`
     lays them out) is visible to query t iff doc_start[t] <= slot_start[s] and
     slot_start[s] + l - 1 <= t (paper Eq. 7, nsa_spec.md 1.2 and 3.1, with packed documents
     3.3). Those slots are exactly [kstart_t, kend_t); empty ranges have kend == kstart.
@@ -829,3 +831,46 @@ def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
     pad = ((0, 0), (0, tiling.padded_keys(k.shape[1]) - k.shape[1]), (0, 0), (0, 0))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)  # zero keys: outside every range
     return _attention(q_rows, k, v, ranges, float(scale), tiling, interpret)
+
+
+# ----------------------------------------------------------------------------- the ops' entry points
+
+
+def supports(q, k, v, *args, **kwargs) -> bool:
+    """Whether these kernels take the arrays: one 16-bit dtype and head dims Dk, Dv in {64, 128}."""
+    return (q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] in (64, 128) and v.shape[-1] in (64, 128))
+
+
+def _branch(q, k, v, kstart, kend, scale, tiling, interpret):
+    """Range attention of q [B, T, Hq, Dk] in the ops layout: (o [B, T, Hq, Dv], lse [B, T, Hq])."""
+    t, hq = q.shape[1:3]
+    hkv = k.shape[2]
+    o_rows, lse_rows = range_attention(to_rows(q, hkv), k, v, kstart, kend, group=hq // hkv,
+                                       scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                       tiling=tiling, interpret=interpret)
+    return from_rows(o_rows, t, hq), from_rows(lse_rows, t, hq)
+
+
+def compressed_attention(q, k_cmp, v_cmp, cfg: NSAConfig, *, segment_ids=None, scale=None,
+                         interpret=False, tiling: RangeTiling | None = None):
+    """nsa_jax.ops.compressed_attention on Hopper (paper eq. 7; nsa_spec.md, compressed branch):
+    q [B, T, Hq, Dk], k_cmp/v_cmp [B, Tc, Hkv, D] laid out as nsa_jax.layout says, segment_ids
+    [B, T] or None -> (o [B, T, Hq, Dv] in q's dtype, lse [B, T, Hq] float32, -inf where t sees no
+    compressed token). Raises ValueError for inputs `supports` rejects."""
+    b, t = q.shape[:2]
+    slots = layout.compressed_layout(segment_ids, b, t, cfg).start
+    kstart, kend = compressed_ranges(slots, layout.document_starts(segment_ids, b, t),
+                                     cfg.compress_block)
+    return _branch(q, k_cmp, v_cmp, kstart, kend, scale, tiling, interpret)
+
+
+def window_attention(q, k, v, cfg: NSAConfig, *, segment_ids=None, scale=None, interpret=False,
+                     tiling: RangeTiling | None = None):
+    """nsa_jax.ops.window_attention on Hopper (the sliding window of w = cfg.window keys
+    [t - w + 1, t] of t's document; nsa_spec.md, window branch): q [B, T, Hq, Dk], k/v
+    [B, T, Hkv, D], segment_ids [B, T] or None -> o [B, T, Hq, Dv] in q's dtype. Raises ValueError
+    for inputs `supports` rejects."""
+    b, t = q.shape[:2]
+    kstart, kend = window_ranges(layout.document_starts(segment_ids, b, t), cfg.window)
+    return _branch(q, k, v, kstart, kend, scale, tiling, interpret)[0]

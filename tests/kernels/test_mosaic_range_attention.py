@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 from jax import export
 
-from conftest import SMALL, random_segments, rel_err
-from kernel_testing import CompiledOrInterpreted
-from nsa_jax import ops
-from nsa_jax.ops import layout
+from nsa_jax import layout, ops
 from pallas_kernels.gpu.mosaic import common
 from pallas_kernels.gpu.mosaic import range_attention as ra
+from tests.helpers.inputs import SMALL, random_segments, rel_err
+from tests.helpers.kernels import CompiledOrInterpreted
 
 # Small key tiles, so that tiny shapes still take several steps, refill the rings and run the
 # unmasked middle loops.
@@ -90,6 +89,7 @@ def assert_close(got, want, dtype):
 
 
 class TestRangeAttention(CompiledOrInterpreted):
+    BACKENDS = ("hopper",)
 
     def _run(self, fn, *args):
         """jit(fn)(*args), in interpret mode on CPU (asserting no race) or compiled."""
