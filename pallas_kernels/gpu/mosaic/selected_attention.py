@@ -59,6 +59,9 @@ ROWS = 64  # query-head rows per compute warpgroup: the wgmma M dimension
 KEYS = 64  # keys per K/V tile
 LOG2E = math.log2(math.e)
 SMEM_BYTES = 227 * 1024  # per block on H100/H200
+# dK/dV partials leave through a narrow float32 SMEM tile: runs end rarely, and the SMEM is
+# better spent on ring stages.
+FLUSH_COLUMNS = 16
 _BIG = jnp.iinfo(jnp.int32).max
 
 
@@ -73,11 +76,14 @@ class Tiling:
       H100/H200 SM count; 2 in interpret mode).
     query_chunk: query positions per pass (None: as many as keep the per-pass partial outputs
       under 16 GiB); each pass builds its own index, so memory stays bounded at any T.
+    fused_backward: one backward kernel computing dK/dV and dQ from the same gathered rows (half
+      the row traffic, more registers live), or a dQ kernel and a dK/dV kernel.
     """
     compute_wgs: int = 2
     stages: int | None = None
     num_programs: int | None = None
     query_chunk: int | None = None
+    fused_backward: bool = True
 
     def __post_init__(self):
         if self.compute_wgs not in (1, 2):
@@ -159,43 +165,50 @@ def _entries(indices, doc_start, t0: int, block: int, pieces: int):
 
 
 def build_items(indices, doc_start, t0: int, block: int, shape: Shape) -> Items:
-    """The inverted index (see `Items`) for queries t0 .. t0 + Tq - 1 of indices [B, Tq, Hkv, n]."""
+    """The inverted index (see `Items`) for queries t0 .. t0 + Tq - 1 of indices [B, Tq, Hkv, n]
+    and doc_start [B, Tq] int32."""
     b, tq, hkv, n = indices.shape
-    g, pw, wgs, nkt = shape.group, shape.per_wg, shape.wgs, shape.tiles
+    nkt, per_item = shape.tiles, shape.wgs * shape.per_wg
     tile, lo, hi, ok, pos = _entries(indices, doc_start, t0, block, shape.pieces)
     bh = jnp.arange(b * hkv, dtype=jnp.int32).reshape(b, hkv, 1, 1, 1)
     key = jnp.where(ok, bh * nkt + tile, _BIG).reshape(-1)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)  # tile-major, then position
     key = key[order]
+    item, slot, opens, count = _pack(key, per_item)
+    runs = min(key.shape[0], b * hkv * nkt)  # distinct tiles
+    num_items = -(-key.shape[0] // per_item) + runs
+    dest = jnp.where(item >= 0, item, num_items)  # out of range: dropped (-1 would wrap)
+    per_entry = lambda x, fill=0: jnp.full((num_items, per_item), fill, jnp.int32).at[
+        dest, slot].set(x.reshape(-1)[order], mode="drop")
+    head = jnp.full((num_items,), _BIG, jnp.int32).at[jnp.where(opens, item, num_items)].set(
+        key, mode="drop")  # the item's tile key
+    width = -(-(2 + per_item) // 4) * 4  # 16-byte TMA rows
+    meta = jnp.zeros((num_items, width), jnp.int32).at[:, 2:2 + per_item].set(per_entry(pos))
+    used = head != _BIG
+    meta = meta.at[:, 0].set(jnp.where(used, head // nkt, 0))
+    meta = meta.at[:, 1].set(jnp.where(used, head % nkt, 0))
+    per = -(-count // shape.programs)
+    work = jnp.minimum(jnp.arange(shape.programs + 1, dtype=jnp.int32) * per, count)
+    seg, seg_key = _segments(head, per, min(num_items, shape.programs + runs))
+    rows = jnp.stack([_spread(per_entry(lo, KEYS), shape, KEYS),
+                      _spread(per_entry(hi, -1), shape, -1),
+                      jnp.broadcast_to(seg[:, None, None], (num_items,) + (shape.wgs, ROWS))], 1)
+    unsort = lambda x: jnp.zeros(key.shape, jnp.int32).at[order].set(x).reshape(
+        b, hkv, tq, n * shape.pieces)
+    row = (slot // shape.per_wg) * ROWS + (slot % shape.per_wg) * shape.group
+    return Items(work, meta, rows, unsort(item), unsort(row), seg_key)
+
+
+def _pack(key, per_item: int):
+    """Cut the sorted entries into items of up to `per_item` entries of one tile: each entry's
+    item (-1 for dead entries) and slot in it, which entries open an item, and the item count."""
     live = key != _BIG
     first = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]])
     i = jnp.arange(key.shape[0], dtype=jnp.int32)
-    rank = i - lax.cummax(jnp.where(first, i, 0))
-    slot = rank % (wgs * pw)
+    slot = (i - lax.cummax(jnp.where(first, i, 0))) % per_item
     opens = live & (slot == 0)
-    item = jnp.cumsum(opens, dtype=jnp.int32) - 1
-    count = jnp.sum(opens, dtype=jnp.int32)
-    num_items = -(-key.shape[0] // (wgs * pw)) + b * hkv * nkt
-    to_item = jnp.where(live, item, num_items)
-    sorted_ = lambda x: x.reshape(-1)[order]
-    width = -(-(2 + wgs * pw) // 4) * 4  # 16-byte TMA rows
-    meta = jnp.zeros((num_items, width), jnp.int32)
-    meta = meta.at[jnp.where(opens, item, num_items), 0].set(key // nkt, mode="drop")
-    meta = meta.at[jnp.where(opens, item, num_items), 1].set(key % nkt, mode="drop")
-    meta = meta.at[to_item, 2 + slot].set(sorted_(pos), mode="drop")
-    entry_rows = lambda x, fill: jnp.full((num_items, wgs * pw), fill, jnp.int32).at[
-        to_item, slot].set(sorted_(x), mode="drop")
-    per = -(-count // shape.programs)
-    work = jnp.minimum(jnp.arange(shape.programs + 1, dtype=jnp.int32) * per, count)
-    seg, seg_key = _segments(meta, count, per, nkt, shape.programs + b * hkv * nkt)
-    rows = jnp.stack([_spread(entry_rows(lo, KEYS), shape, KEYS),
-                      _spread(entry_rows(hi, -1), shape, -1),
-                      jnp.broadcast_to(seg[:, None, None], (num_items, wgs, ROWS))], axis=1)
-    ent = (b, hkv, tq, n * shape.pieces)
-    ent_item = jnp.zeros(key.shape, jnp.int32).at[order].set(jnp.where(live, item, -1))
-    w, e = slot // pw, slot % pw
-    ent_row = jnp.zeros(key.shape, jnp.int32).at[order].set(w * ROWS + e * g)
-    return Items(work, meta, rows, ent_item.reshape(ent), ent_row.reshape(ent), seg_key)
+    item = jnp.where(live, jnp.cumsum(opens, dtype=jnp.int32) - 1, -1)
+    return item, slot, opens, jnp.sum(opens, dtype=jnp.int32)
 
 
 def _spread(per_entry, shape: Shape, fill: int):
@@ -204,17 +217,17 @@ def _spread(per_entry, shape: Shape, fill: int):
     return jnp.pad(x, ((0, 0), (0, 0), (0, ROWS - x.shape[2])), constant_values=fill)
 
 
-def _segments(meta, count, per, nkt: int, max_segments: int):
-    """dK/dV runs: consecutive items of one program and one tile. Returns, per item, the segment it
-    closes (-1 if none) and, per segment, its tile key."""
-    num_items = meta.shape[0]
-    i = jnp.arange(num_items, dtype=jnp.int32)
-    key = jnp.where(i < count, meta[:, 0] * nkt + meta[:, 1], _BIG)
-    opens = (i < count) & ((i % jnp.maximum(per, 1) == 0) | (key != jnp.roll(key, 1)))
+def _segments(head, per, max_segments: int):
+    """dK/dV runs: consecutive items of one program reading one tile (head [I]: the items' tile
+    keys, _BIG past the last item). Per item, the segment it closes (-1 if none); per segment,
+    its tile key (_BIG if unused)."""
+    live = head != _BIG
+    i = jnp.arange(head.shape[0], dtype=jnp.int32)
+    opens = live & ((i % jnp.maximum(per, 1) == 0) | (head != jnp.roll(head, 1)))
     seg = jnp.cumsum(opens, dtype=jnp.int32) - 1
-    closes = (i < count) & jnp.roll(opens | (i >= count), -1).at[-1].set(True)
+    closes = live & jnp.roll(opens | ~live, -1).at[-1].set(True)
     seg_key = jnp.full((max_segments,), _BIG, jnp.int32).at[
-        jnp.where(opens, seg, max_segments)].set(key, mode="drop")
+        jnp.where(opens, seg, max_segments)].set(head, mode="drop")
     return jnp.where(closes, seg, -1), seg_key
 
 
@@ -230,6 +243,7 @@ class _Kind(NamedTuple):
 
 
 FWD, DQ, DKV = _Kind("fwd", 1, 1), _Kind("dq", 2, 2), _Kind("dkv", 2, 2)
+BWD = _Kind("bwd", 2, 2)  # dK/dV and dQ in one pass over the items
 
 
 def _buffer_bytes(shape_, dtype) -> int:
@@ -248,8 +262,10 @@ def _smem_bytes(kind: _Kind, shape: Shape, dtype, stages: int) -> int:
         total += sum(_buffer_bytes((w, ROWS, d), dtype) for d in dims[:kind.gathered])
     if kind is FWD:
         total += _buffer_bytes((w, ROWS, shape.dv), dtype) + _buffer_bytes((w, ROWS), jnp.float32)
-    if kind is DKV:
-        total += _buffer_bytes((w, ROWS, 32), jnp.float32)
+    if kind in (DKV, BWD):
+        total += _buffer_bytes((w, ROWS, FLUSH_COLUMNS), jnp.float32)
+    if kind is BWD:
+        total += _buffer_bytes((w, KEYS, ROWS), dtype)
     return total + 1024  # barriers
 
 
@@ -349,10 +365,9 @@ def _copies_per_item(kind: _Kind, shape: Shape) -> int:
     return 2 + kind.vectors + kind.gathered * shape.wgs * (shape.per_wg + (spare > 0))
 
 
-def _consume(shape: Shape, stages: int, work, bufs: _Bufs, compute, init, finish):
+def _consume(shape: Shape, stages: int, work, bufs: _Bufs, compute, init):
     """A compute warpgroup: `compute(item, rows, tiles, vectors, carry, release) -> carry` for
-    each item of this program, on this warpgroup's 64 rows, from carry = init(); then
-    `finish(carry)`."""
+    each item of this program, on this warpgroup's 64 rows, from carry = init()."""
     plgpu.set_max_registers(232 if shape.wgs == 2 else 240, action="increase")
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
     first, n = work[cta], work[cta + 1] - work[cta]
@@ -371,12 +386,12 @@ def _consume(shape: Shape, stages: int, work, bufs: _Bufs, compute, init, finish
         release = lambda: plgpu.barrier_arrive(bufs.consumed.at[slot])
         return compute(first + j, rows, tiles, vectors, carry, release)
 
-    finish(lax.fori_loop(0, n, step, init()))
+    lax.fori_loop(0, n, step, init())
     plgpu.wait_smem_to_gmem(0)
 
 
 def _launch(kind: _Kind, shape: Shape, stages: int, inputs, vectors, work, meta, compute_for,
-            out_type, out_scratch, init=lambda: None, finish=None):
+            out_type, out_scratch, init=lambda: None):
     """Run the pipeline. inputs: (q[, dO], k, v); vectors: the per-item row vectors;
     compute_for(out_refs, out_bufs, staging) -> compute."""
     dtype = inputs[0].dtype
@@ -408,10 +423,8 @@ def _launch(kind: _Kind, shape: Shape, stages: int, inputs, vectors, work, meta,
 
         @pl.when(wg < w)
         def _():
-            compute = compute_for(outs, bufs.out, bufs.staging)
-            done = (lambda c: None) if finish is None else functools.partial(
-                finish, outs=outs, out_bufs=bufs.out)
-            _consume(shape, stages, work_ref, bufs, compute, init, done)
+            _consume(shape, stages, work_ref, bufs, compute_for(outs, bufs.out, bufs.staging),
+                     init)
 
     return plgpu.kernel(
         body, out_type=out_type, scratch_types=[scratch], grid=(shape.programs,),
@@ -426,7 +439,7 @@ def _launch(kind: _Kind, shape: Shape, stages: int, inputs, vectors, work, meta,
 
 def _row_vector(ref, transposed: bool, shape2):
     """A per-row vector [64] from SMEM, broadcast to the [rows, keys] (or transposed) tile."""
-    x = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0 if transposed else 1))
+    x = plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0 if transposed else 1))
     return lax.broadcast_in_dim(x, shape2, [1 if transposed else 0])
 
 
@@ -502,10 +515,7 @@ def _dq_compute(shape: Shape, dtype):
             ds = p * (dp - _row_vector(stats_vec.at[1], False, p.shape))
             dq = common.mma(_zeros(ROWS, shape.dk), ds.astype(dtype), k,
                             interpret=shape.interpret, staging=stage)
-            q[...] = (dq * shape.scale).astype(dtype)  # q's rows are no longer needed
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q, dq_ref.at[item, wg])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            _store_rows(dq * shape.scale, q, dq_ref.at[item, wg])
             release()
             return carry
 
@@ -513,9 +523,12 @@ def _dq_compute(shape: Shape, dtype):
     return compute_for
 
 
-def _dkv_compute(shape: Shape, dtype):
+def _dkv_compute(shape: Shape, dtype, with_dq: bool):
+    """dK/dV (transposed: keys x rows) accumulated over a run of items; with_dq also writes each
+    item's dQ = dS K, through dS^T staged in SMEM (read back transposed as the wgmma A operand)."""
     def compute_for(outs, out_bufs, staging):
-        (flush_stage,) = out_bufs
+        flush_stage, *ds_stage = out_bufs
+        dk_ref, dv_ref = outs[-2:]
         wg = lax.axis_index("wg")
         stage = None if staging is None else staging.at[wg]
 
@@ -525,14 +538,19 @@ def _dkv_compute(shape: Shape, dtype):
             segment = rows_vec[2, 0]
             pt = _probabilities(shape, q, k, rows_vec, stats_vec, True)
             dpt = common.matmul(v, do.transpose((1, 0)), (KEYS, ROWS))
-            dst = pt * (dpt - _row_vector(stats_vec.at[1], True, pt.shape))
+            dst = (pt * (dpt - _row_vector(stats_vec.at[1], True, pt.shape))).astype(dtype)
             dv = common.mma(dv, pt.astype(dtype), do, interpret=shape.interpret, staging=stage)
-            dk = common.mma(dk, dst.astype(dtype), q, interpret=shape.interpret, staging=stage)
+            dk = common.mma(dk, dst, q, interpret=shape.interpret, staging=stage)
+            if with_dq:
+                ds_stage[0][wg] = dst
+                plgpu.commit_smem()
+                dq = common.matmul(ds_stage[0].at[wg].transpose((1, 0)), k, (ROWS, shape.dk))
+                _store_rows(dq * shape.scale, q, outs[0].at[item, wg])
             release()
 
             @pl.when(segment >= 0)
             def _():
-                for acc, ref in zip((dk, dv), outs):
+                for acc, ref in ((dk, dk_ref), (dv, dv_ref)):
                     _flush(acc, ref.at[segment, wg], flush_stage.at[wg])
 
             keep = jnp.where(segment >= 0, 0.0, 1.0)
@@ -542,8 +560,17 @@ def _dkv_compute(shape: Shape, dtype):
     return compute_for
 
 
+def _store_rows(x, stage, dst):
+    """Write float32 rows x [64, D] to GMEM in the input dtype through `stage` (the item's query
+    rows, no longer needed), and wait until the copy has read it: the slot is then free."""
+    stage[...] = x.astype(stage.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(stage, dst)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def _flush(acc, dst, stage):
-    """Write a float32 [64, D] accumulator to GMEM through a [64, 32] SMEM tile."""
+    """Write a float32 [64, D] accumulator to GMEM through a [64, FLUSH_COLUMNS] SMEM tile."""
     width = stage.shape[-1]
     for c in range(acc.shape[1] // width):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -581,7 +608,7 @@ def _merge_forward(o_items, lse_items, items: Items, group: int):
     weight = jnp.exp(lse - top)  # [B, Hkv, Tq, S, G]
     total = jnp.sum(weight, axis=3)
     seen = total > 0
-    out = jnp.einsum("bhtsg,bhtsgd->bhtgd", weight, o.astype(jnp.float32))
+    out = jnp.sum(weight[..., None] * o.astype(jnp.float32), axis=3)  # fuses with the gather
     out = out / jnp.where(seen, total, 1.0)[..., None]
     lse = jnp.where(seen, jnp.log(jnp.where(seen, total, 1.0)) + top[:, :, :, 0], -jnp.inf)
     return _to_query_heads(out), _to_query_heads(lse)
@@ -634,24 +661,30 @@ def _forward_pass(shape: Shape, tiling: Tiling, q, k, v, items: Items):
 
 
 def _backward_pass(shape: Shape, tiling: Tiling, q, k, v, do, lse, delta, items: Items):
-    """dQ of the pass's queries [B, Tq, Hq, Dk] and its float32 dK, dV over all keys."""
+    """dQ of the pass's queries [B, Tq, Hq, Dk] and its float32 dK, dV over all keys: one fused
+    kernel, or (tiling.fused_backward=False) a dQ kernel then a dK/dV kernel."""
     dtype, w = q.dtype, shape.wgs
     num_items, num_segments = items.meta.shape[0], items.seg_key.shape[0]
-    vectors = (items.rows, _row_stats(items, shape, lse, delta))
-    inputs = (q, do, k, v)
-    stages = ring_depth(DQ, shape, dtype, tiling.stages)
-    (dq_items,) = _launch(DQ, shape, stages, inputs, vectors, items.work, items.meta,
-                          _dq_compute(shape, dtype),
-                          (jax.ShapeDtypeStruct((num_items, w, ROWS, shape.dk), dtype),), ())
+    args = ((q, do, k, v), (items.rows, _row_stats(items, shape, lse, delta)), items.work,
+            items.meta)
+    dq_type = jax.ShapeDtypeStruct((num_items, w, ROWS, shape.dk), dtype)
+    dkv_type = tuple(jax.ShapeDtypeStruct((num_segments, w, ROWS, d), jnp.float32)
+                     for d in (shape.dk, shape.dv))
+    flush_stage = plgpu.SMEM((w, ROWS, FLUSH_COLUMNS), jnp.float32)
+    init = lambda: (_zeros(KEYS, shape.dk), _zeros(KEYS, shape.dv))
+    if tiling.fused_backward:
+        stages = ring_depth(BWD, shape, dtype, tiling.stages)
+        dq_items, dk, dv = _launch(BWD, shape, stages, *args, _dkv_compute(shape, dtype, True),
+                                   (dq_type, *dkv_type),
+                                   (flush_stage, common.tiled_smem((w, KEYS, ROWS), dtype)), init)
+    else:
+        stages = ring_depth(DQ, shape, dtype, tiling.stages)
+        (dq_items,) = _launch(DQ, shape, stages, *args, _dq_compute(shape, dtype), (dq_type,), ())
+        stages = ring_depth(DKV, shape, dtype, tiling.stages)
+        dk, dv = _launch(DKV, shape, stages, *args, _dkv_compute(shape, dtype, False), dkv_type,
+                         (flush_stage,), init)
     dq, live = _entry_rows(dq_items, items, shape.group)
     dq = jnp.sum(jnp.where(live[..., None, None], dq.astype(jnp.float32), 0.0), axis=3)
-    out_type = tuple(jax.ShapeDtypeStruct((num_segments, w, ROWS, d), jnp.float32)
-                     for d in (shape.dk, shape.dv))
-    stages = ring_depth(DKV, shape, dtype, tiling.stages)
-    dk, dv = _launch(DKV, shape, stages, inputs, vectors, items.work, items.meta,
-                     _dkv_compute(shape, dtype), out_type,
-                     (common.tiled_smem((w, ROWS, 32), jnp.float32),),
-                     init=lambda: (_zeros(KEYS, shape.dk), _zeros(KEYS, shape.dv)))
     num_keys = shape.batch * shape.kv_heads * shape.tiles
     per_key = lambda x: jnp.moveaxis(_reduce_segments(x, items.seg_key, num_keys).reshape(
         shape.batch, shape.kv_heads, shape.tiles * KEYS, -1), 1, 2)
@@ -761,7 +794,7 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     shape = Shape(b, t, hkv, hq // hkv, dkp, dvp, pieces,
                   float(dk ** -0.5 if scale is None else scale), tiling.compute_wgs, programs,
                   bool(interpret))
-    for kind in (FWD, DQ, DKV):  # fail before tracing anything
+    for kind in (FWD, BWD) if tiling.fused_backward else (FWD, DQ, DKV):  # fail early
         ring_depth(kind, shape, q.dtype, tiling.stages)
     pad = lambda x, rows, d: jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0),
                                          (0, d - x.shape[3])))
