@@ -11,7 +11,7 @@ d=16, l'=64, n=16, w=512):
   attention op  one decode step of one layer's attention: NSA pallas, the same with the top-n
                 in XLA instead of its kernel, NSA xla, full attention through XLA, cuDNN
                 and jax's Pallas GQA decode kernel (whichever run here);
-  model step    nsa_jax.decode.step of a 1-layer synthetic DecoderLM (d_model --d-model) whose
+  model step    nsa_jax.generation.step of a 1-layer synthetic DecoderLM (d_model --d-model) whose
                 cache is filled with random K/V, NSA vs full.
 Each is timed twice: "op"/"model" lines dispatch every step from Python and wait for it (what a
 host-driven generation loop sees, launch and dispatch overhead included); "oploop"/"modelloop"
@@ -36,8 +36,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nsa_jax import ModelConfig, NSAConfig, ops  # noqa: E402
-from nsa_jax.decode import init_state, step  # noqa: E402
-from nsa_jax.decode.cache import cache_sizes  # noqa: E402
+from nsa_jax.generation import cache_sizes, init_state, step  # noqa: E402
 
 HQ, HKV, D = 64, 4, 128
 
@@ -55,7 +54,7 @@ class Log:
 
 
 def random_cache(key, cfg: NSAConfig, batch: int, context: int, dtype):
-    """Full and compressed caches of `context` tokens, laid out as nsa_jax.decode.cache does."""
+    """Full and compressed caches of `context` tokens, laid out as nsa_jax.generation.cache does."""
     sizes = cache_sizes(ModelConfig(nsa=cfg), context)
     ks = jax.random.split(key, 6)
     kv = lambda k, n: jax.random.normal(k, (batch, n, HKV, D), dtype)
@@ -75,11 +74,16 @@ def nsa_fn(cfg, implementation):
 def nsa_xla_topn_fn(cfg):
     """The Pallas decode path with its top-n done by XLA between the kernels, as before the
     top-n kernel: shows what that kernel saves."""
-    from nsa_jax.ops import decode_pallas
+    from nsa_jax.ops.decode_attention import select_decode_blocks
+    from pallas_kernels.gpu.triton.decode_attention import nsa_decode_attention
 
-    return jax.jit(lambda a: decode_pallas.nsa_decode(
-        a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"], a["position"], a["k"],
-        a["v"], cfg, D ** -0.5, topn_kernel=False))
+    def run(a):
+        top_n = lambda logits, lse, position: select_decode_blocks(
+            logits, lse, position, cfg, a["k"].shape[1] // cfg.select_block)
+        return nsa_decode_attention(a["q"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["gates"],
+                                    a["position"], cfg, top_n=top_n)
+
+    return jax.jit(run)
 
 
 def full_fns():

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops.layout import document_starts
-from pallas_kernels.gpu import selected_attention
-from pallas_kernels.gpu.selected_index import (absolute_block_starts, key_tile_entries,
-                                               query_tile_union)
+from nsa_jax.layout import document_starts
+from pallas_kernels.gpu.triton.selected_attention import (Tiling, absolute_block_starts,
+                                                          key_tile_entries, query_tile_union,
+                                                          selected_attention)
 
 SHAPES = {"paper": (64, 4), "small-group": (32, 8)}  # (Hq, Hkv); B=1, D=128, l'=64, n=16
 
@@ -67,8 +67,8 @@ def check(hq, hkv, dtype, packed, opts):
     @functools.partial(jax.jit, static_argnums=0)
     def run(use_kernel, q, k, v, do, indices, segment_ids):
         if use_kernel:
-            ds = None if segment_ids is None else document_starts(segment_ids, b, t)
-            f = lambda q, k, v: selected_attention(q, k, v, indices, cfg, doc_start=ds, **opts)
+            f = lambda q, k, v: selected_attention(q, k, v, indices, cfg, segment_ids=segment_ids,
+                                                   tiling=Tiling(**opts))
         else:
             f = lambda q, k, v: ops.selected_attention(q, k, v, indices, cfg,
                                                        segment_ids=segment_ids,
@@ -110,7 +110,7 @@ def problem(t, hq, hkv, d=128, block=64, n=16, shared=1):
 def time_selected(t, hq, hkv, opts, block=64, n=16, shared=1):
     q, k, v, do, idx = problem(t, hq, hkv, block=block, n=n, shared=shared)
     cfg = NSAConfig(select_block=block, num_selected=n)
-    f = lambda q, k, v, idx: selected_attention(q, k, v, idx, cfg, **opts)
+    f = lambda q, k, v, idx: selected_attention(q, k, v, idx, cfg, tiling=Tiling(**opts))
     both = lambda q, k, v, idx, do: value_and_grads(lambda *x: f(*x, idx), q, k, v, do)
     return median_ms(jax.jit(f), q, k, v, idx), median_ms(jax.jit(both), q, k, v, idx, do)
 

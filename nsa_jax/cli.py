@@ -109,17 +109,18 @@ def generate(argv=None) -> None:
 def _generate(args) -> None:
     import jax
 
-    from nsa_jax.data import BOS_ID, EOS_ID, VOCAB_SIZE, decode, encode
-    from nsa_jax.decode.generate import generate as sample_tokens
-    from nsa_jax.decode.trained import load_trained_model
+    from nsa_jax.data import BOS_ID, EOS_ID, VOCAB_SIZE, detokenize, tokenize
+    from nsa_jax.generation import generate as sample_tokens
+    from nsa_jax.train import load_trained_run
 
-    model, step = load_trained_model(args.workdir)
-    prompt = [BOS_ID, *encode(args.prompt).tolist()]
+    trained = load_trained_run(args.workdir)
+    model, step = trained.model, trained.step
+    prompt = [BOS_ID, *tokenize(args.prompt).tolist()]
     out = sample_tokens(model, [prompt], args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, seed=args.seed, num_tokens=VOCAB_SIZE,
                         implementation=args.implementation)
     tokens = out.tokens[0]
-    text = decode(tokens[:tokens.index(EOS_ID)] if EOS_ID in tokens else tokens)
+    text = detokenize(tokens[:tokens.index(EOS_ID)] if EOS_ID in tokens else tokens)
     print(f"{args.prompt}{text}", flush=True)
     print(f"[{args.workdir} step {step}, {model.cfg.attention} attention, "
           f"{jax.default_backend()}] prompt {len(prompt)} tokens: prefill + first token "

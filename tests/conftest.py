@@ -1,20 +1,13 @@
-"""Shared test helpers: fresh random inputs (the seed is printed, so a failure can be replayed
-with NSA_TEST_SEED=<seed>) and error measures."""
+"""Fixtures: `key`, fresh random inputs whose seed is printed (replay a failure with
+NSA_TEST_SEED=<seed>), and `tiny_run`, the shrunk configs/tiny.py trained once per session.
+Helpers live in tests/helpers."""
 from __future__ import annotations
 
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from nsa_jax import NSAConfig
-
-# Small hyper-parameters that still exercise overlap (d < l), l' != l and several blocks.
-SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=4,
-                  num_init_blocks=1, num_local_blocks=2, window=24)
-PAPER = NSAConfig()
 
 
 @pytest.fixture
@@ -24,39 +17,13 @@ def key():
     return jax.random.PRNGKey(seed)
 
 
-def make_qkv(key, b, t, hq, hkv, dk, dv=None, dtype=jnp.float32):
-    kq, kk, kv, kg = jax.random.split(key, 4)
-    dv = dv or dk
-    q = jax.random.normal(kq, (b, t, hq, dk), dtype)
-    k = jax.random.normal(kk, (b, t, hkv, dk), dtype)
-    v = jax.random.normal(kv, (b, t, hkv, dv), dtype)
-    gates = jax.nn.sigmoid(jax.random.normal(kg, (b, t, hq, 3))).astype(dtype)
-    return q, k, v, gates
-
-
-def random_segments(key, b, t, max_docs=4):
-    """[B, T] int32 segment ids with random, unaligned document boundaries."""
-    cuts = jax.random.randint(key, (b, max_docs - 1), 1, t)
-    return jnp.sum(jnp.arange(t)[None, :, None] >= cuts[:, None, :], axis=-1).astype(jnp.int32)
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b| over finite entries of b (a must be finite where b is)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    finite = np.isfinite(b)
-    assert np.array_equal(np.isfinite(a), finite), "non-finite entries differ"
-    if not finite.any():
-        return 0.0
-    return float(np.max(np.abs(a[finite] - b[finite])) / max(np.max(np.abs(b[finite])), 1e-30))
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """(workdir, summary) of the shrunk configs/tiny.py trained once per session; compiled steps
     are shared with every later run of the session through JAX's persistent cache."""
     from nsa_jax.train import train
-    from tests.train_helpers import share_compilations, tiny_config
+    from tests.helpers.runs import share_compilations, tiny_run_config
 
     share_compilations(tmp_path_factory.getbasetemp() / "jax_cache")
     workdir = tmp_path_factory.mktemp("tiny")
-    return workdir, train(tiny_config(), workdir)
+    return workdir, train(tiny_run_config(), workdir)

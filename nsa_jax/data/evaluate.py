@@ -1,16 +1,36 @@
-"""Exact-match (and per-token) accuracy of synthetic-task answers under a model.
+"""Measures of a model on this package's data, the model given as a function of a batch: the
+validation loss of each corpus (the trainer's periodic evaluation and nsa-eval), and exact-match
+(and per-token) accuracy of synthetic-task answers.
 
-One teacher-forced forward pass suffices: greedy decoding reproduces an answer exactly iff the
-argmax at every answer position (given the true prefix) is the answer token.
+One teacher-forced forward pass suffices for the answers: greedy decoding reproduces an answer
+exactly iff the argmax at every answer position (given the true prefix) is the answer token.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from nsa_jax.data.data_config import DataConfig
 from nsa_jax.data.packing import examples_to_batch
+from nsa_jax.data.sampler import validation_batches
 from nsa_jax.data.tasks import SyntheticExample
+
+
+def validation_loss(eval_step, model_state, data: DataConfig, max_batches: int | None) -> dict:
+    """{"val_loss", "val_perplexity", "val_loss/<corpus>", "val_tokens"}: mean loss per target
+    token over up to max_batches batches of each corpus (all corpora pooled for val_loss)."""
+    per_corpus = {}
+    for corpus, _ in data.corpora:
+        sums = [eval_step(model_state, batch) for batch in
+                validation_batches(data, corpus, max_batches)]
+        per_corpus[corpus] = (sum(float(t) for t, _ in sums), sum(float(c) for _, c in sums))
+    total = sum(t for t, _ in per_corpus.values())
+    count = sum(c for _, c in per_corpus.values())
+    loss = total / count
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
+            "val_tokens": int(count), **{f"val_loss/{k}": t / c for k, (t, c) in per_corpus.items()}}
 
 
 def answer_token_hits(logits: np.ndarray, examples: Sequence[SyntheticExample]

@@ -13,10 +13,11 @@ from typing import Iterator
 
 import numpy as np
 
-from nsa_jax.data.config import PASSKEY_DIGITS, DataConfig
+from nsa_jax.config import require_int
+from nsa_jax.data.data_config import DataConfig
 from nsa_jax.data.packing import Row, corpus_row, example_row, padding_row, rows_to_batch
 from nsa_jax.data.streams import TokenStream, corpus_streams
-from nsa_jax.data.tasks import mqar_example, passkey_example
+from nsa_jax.data.tasks import PASSKEY_DIGITS, mqar_example, passkey_example
 
 
 def split_stream(cfg: DataConfig, corpus: str, split: str) -> TokenStream:
@@ -44,9 +45,8 @@ def _train_row(cfg: DataConfig, rng: np.random.Generator, streams, corpus_p) -> 
 def make_train_batch(cfg: DataConfig, seed: int, step: int, rows: range | None = None) -> dict:
     """{tokens, targets, segment_ids: int32 [B, T]; loss_mask: float32 [B, T]} for (seed, step).
     With `rows`, only those rows of the batch (a process's share of a global batch)."""
-    for key, value in (("seed", seed), ("step", step)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{key} must be an int >= 0, got {value!r}")
+    require_int("seed", seed, 0)
+    require_int("step", step, 0)
     streams = [split_stream(cfg, name, "train") for name, _ in cfg.corpora]
     weights = np.array([w for _, w in cfg.corpora])
     rows = [_train_row(cfg, np.random.default_rng([seed, step, r]), streams, weights / weights.sum())

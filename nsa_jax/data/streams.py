@@ -15,7 +15,7 @@ import numpy as np
 
 from nsa_jax.data.corpora import Document, load_documents
 from nsa_jax.data.splits import split_documents
-from nsa_jax.data.tokenizer import TOKEN_DTYPE, encode_document
+from nsa_jax.data.tokenizer import TOKEN_DTYPE, tokenize_document
 
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
@@ -29,7 +29,7 @@ class TokenStream:
 
 
 def build_stream(documents: list[Document]) -> TokenStream:
-    encoded = [encode_document(d.data) for d in documents]
+    encoded = [tokenize_document(d.data) for d in documents]
     lengths = np.array([e.size for e in encoded], dtype=np.int64)
     tokens = np.concatenate(encoded) if encoded else np.empty(0, TOKEN_DTYPE)
     tokens.flags.writeable = False

@@ -17,8 +17,9 @@ import string
 
 import numpy as np
 
-from nsa_jax.data.tokenizer import BOS_ID, encode
+from nsa_jax.data.tokenizer import BOS_ID, tokenize
 
+PASSKEY_DIGITS = 5  # digits of the passkey in training mixes and evaluation grids
 _FILLER_SENTENCES = tuple(s.encode() for s in (
     "Rain fell on the quiet harbour. ",
     "A cart rolled slowly up the hill. ",
@@ -52,7 +53,7 @@ def filler_tokens(n: int, rng: np.random.Generator, haystack: np.ndarray | None 
     if haystack is None:
         shortest = min(len(s) for s in _FILLER_SENTENCES)
         picks = rng.integers(len(_FILLER_SENTENCES), size=n // shortest + 1)
-        return encode(b"".join(_FILLER_SENTENCES[i] for i in picks)[:n])
+        return tokenize(b"".join(_FILLER_SENTENCES[i] for i in picks)[:n])
     haystack = np.asarray(haystack).reshape(-1)
     if haystack.size < n:
         raise ValueError(f"haystack has {haystack.size} tokens, the filler needs {n}")
@@ -65,20 +66,21 @@ def _passkey_texts(key: str) -> tuple[bytes, bytes]:
             f" What was the passkey? The passkey is {key}".encode())
 
 
-def passkey_min_length(num_digits: int = 5) -> int:
+def passkey_min_length(num_digits: int = PASSKEY_DIGITS) -> int:
     needle, question = _passkey_texts("0" * num_digits)
     return 1 + len(needle) + len(question)
 
 
 def _assemble(pieces: list[bytes | np.ndarray]) -> tuple[np.ndarray, list[int]]:
     """BOS + the pieces; also each piece's start offset."""
-    arrays = [np.array([BOS_ID])] + [encode(p) if isinstance(p, bytes) else p for p in pieces]
+    arrays = [np.array([BOS_ID])] + [tokenize(p) if isinstance(p, bytes) else p for p in pieces]
     starts = np.cumsum([0] + [a.size for a in arrays])[1:-1]
     return np.concatenate(arrays).astype(np.int32), [int(s) for s in starts]
 
 
-def passkey_example(length: int, depth: float, rng: np.random.Generator, *, num_digits: int = 5,
-                    haystack: np.ndarray | None = None) -> SyntheticExample:
+def passkey_example(length: int, depth: float, rng: np.random.Generator, *,
+                    num_digits: int = PASSKEY_DIGITS, haystack: np.ndarray | None = None
+                    ) -> SyntheticExample:
     """`length` tokens; the needle starts after round(depth * F) of the F filler tokens, so depth 0
     puts it right after BOS and depth 1 right before the question."""
     if not 0.0 <= depth <= 1.0:

@@ -17,23 +17,23 @@ VOCAB_SIZE = 259  # models usually round this up (e.g. to 384) for matmul-friend
 TOKEN_DTYPE = np.uint16  # storage dtype of tokenized corpora; batches are int32
 
 
-def encode(text: str | bytes) -> np.ndarray:
+def tokenize(text: str | bytes) -> np.ndarray:
     """UTF-8 bytes of `text` as token ids (uint16), no specials added."""
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
     return np.frombuffer(data, dtype=np.uint8).astype(TOKEN_DTYPE)
 
 
-def encode_document(text: str | bytes) -> np.ndarray:
+def tokenize_document(text: str | bytes) -> np.ndarray:
     """BOS + bytes + EOS: the form in which every corpus document is stored."""
-    body = encode(text)
+    body = tokenize(text)
     out = np.empty(body.size + 2, dtype=TOKEN_DTYPE)
     out[0], out[1:-1], out[-1] = BOS_ID, body, EOS_ID
     return out
 
 
-def decode(ids) -> str:
+def detokenize(ids) -> str:
     """Text of the byte tokens in `ids`; specials are dropped and invalid UTF-8 (possible in model
-    samples) becomes U+FFFD, so decode(encode(s)) == s for every str s."""
+    samples) becomes U+FFFD, so detokenize(tokenize(s)) == s for every str s."""
     ids = np.asarray(ids).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
         raise ValueError(f"token ids must lie in [0, {VOCAB_SIZE}), got range "

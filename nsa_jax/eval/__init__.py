@@ -11,7 +11,7 @@ from nsa_jax.eval.context_length import loss_by_length
 from nsa_jax.eval.passkey import passkey_cell, passkey_grid
 from nsa_jax.eval.run import evaluate_workdir
 from nsa_jax.eval.selection import selection_hits
-from nsa_jax.train.command_line import parse_eval_args
+from nsa_jax.train import parse_eval_args
 
 __all__ = ["evaluate_workdir", "loss_by_length", "parse_eval_args", "passkey_cell", "passkey_grid",
            "selection_hits"]

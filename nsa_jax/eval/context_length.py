@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from nsa_jax.data import DataConfig
-from nsa_jax.train.validation_loss import validation_loss
+from nsa_jax.data import DataConfig, validation_loss
 
 
 def loss_by_length(eval_step, model_state, data: DataConfig, lengths, batch_size: int,

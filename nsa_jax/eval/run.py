@@ -10,21 +10,20 @@ from flax import nnx
 from nsa_jax.eval.context_length import loss_by_length
 from nsa_jax.eval.passkey import passkey_grid
 from nsa_jax.eval.report import write_report
-from nsa_jax.train.checkpoint import restore_trained_model
-from nsa_jax.train.model import forward
-from nsa_jax.train.settings import resolve
-from nsa_jax.train.step import make_eval_step
+from nsa_jax.models import logits_and_gates, token_losses
+from nsa_jax.train import load_trained_run
 
 
 def evaluate_workdir(config, workdir) -> dict:
     """Loss by context length and the passkey grid for the run in `workdir` (its stored config
     with any overrides); writes eval.json and eval.png there and returns the result."""
-    run, workdir = resolve(config), pathlib.Path(workdir)
-    model_def, model_state, step = restore_trained_model(run, workdir)
+    workdir = pathlib.Path(workdir)
+    run, model_def, model_state, step = load_trained_run(workdir, config)
     settings = run.eval
     print(f"{run.train.name}: evaluating the checkpoint of step {step}", flush=True)
-    logits = jax.jit(lambda state, batch: forward(nnx.merge(model_def, state), batch)[0])
-    lengths = loss_by_length(make_eval_step(model_def), model_state, run.data, settings.lengths,
+    logits = jax.jit(lambda state, batch: logits_and_gates(nnx.merge(model_def, state), batch)[0])
+    eval_step = jax.jit(lambda state, batch: token_losses(nnx.merge(model_def, state), batch)[:2])
+    lengths = loss_by_length(eval_step, model_state, run.data, settings.lengths,
                              settings.batch_size, settings.max_batches)
     for row in lengths:
         print(f"  length {row['length']:>6}: val_loss {row['val_loss']:.4f}  perplexity "

@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsa_jax.config import ModelConfig
+from nsa_jax import ops
+from nsa_jax.config import ModelConfig, require_int
 from nsa_jax.layers.documents import (check_segment_ids, document_positions,
                                       same_document_mask)
 from nsa_jax.layers.projections import KVProjection, dense, split_heads
@@ -13,7 +14,7 @@ from nsa_jax.layers.rotary import apply_rope
 def dense_implementation(dtype) -> str:
     """cuDNN flash attention on GPU for 16-bit inputs (all it accepts), XLA everywhere else."""
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if half and ops.backend() in ("gpu", "hopper") else "xla"
 
 
 class DenseAttention(nnx.Module):
@@ -25,9 +26,8 @@ class DenseAttention(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, window: int | None = None, rngs: nnx.Rngs):
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                                   or window < 1):
-            raise ValueError(f"DenseAttention window must be None or an int >= 1, got {window!r}")
+        if window is not None:
+            require_int("DenseAttention window", window, 1)  # or None: all keys
         self.num_heads, self.rope_theta, self.window = cfg.num_heads, cfg.rope_theta, window
         self.q = dense(cfg, cfg.d_model, cfg.num_heads * cfg.head_dim, rngs=rngs)
         self.kv = KVProjection(cfg, rngs=rngs)

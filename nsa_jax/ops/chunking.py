@@ -29,6 +29,3 @@ def map_query_chunks(fn, per_query, shared, chunk: int = QUERY_CHUNK):
     outs = jax.lax.map(lambda xs: body(xs, shared), tuple(split(x) for x in per_query))
     return tuple(join(y) for y in outs)
 
-
-def positions(batch: int, length: int):
-    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))

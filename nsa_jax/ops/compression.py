@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from nsa_jax import layout
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import dispatch, layout, validation
-from nsa_jax.ops.chunking import map_query_chunks, positions
+from nsa_jax.ops import dispatch, validation
+from nsa_jax.ops.chunking import map_query_chunks
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
 
 
@@ -15,7 +16,7 @@ def compression_blocks(x, cfg: NSAConfig, *, segment_ids=None):
 
     x [B, T, H, D] -> (blocks [B, Tc, l, H, D], position [B, Tc] int32), where position is the
     document-relative index of the window's first token (i * d) and -1 for padding slots, whose
-    blocks are 0. Slot layout: see `nsa_jax.ops.layout`.
+    blocks are 0. Slot layout: see `nsa_jax.layout`.
     """
     validation.check_config(cfg)
     validation.check_tokens("x", x)
@@ -32,18 +33,20 @@ def compression_blocks(x, cfg: NSAConfig, *, segment_ids=None):
 
 
 def compress(x, cfg: NSAConfig, *, segment_ids=None, implementation=None):
-    """Mean-pooled compressed tokens: x [B, T, H, D] -> [B, Tc, H, D] (Tc: see `nsa_jax.ops.layout`).
+    """Mean-pooled compressed tokens: x [B, T, H, D] -> [B, Tc, H, D] in x's dtype (Tc and the
+    slot layout: see `nsa_jax.layout`). Compressed token i is the mean of tokens
+    [i*d, i*d + l - 1] of its document (paper eq. 7 with phi = mean pooling).
 
-    Compressed token i is the mean of tokens [i*d, i*d + l - 1] of its document.
+    implementation: "reference" (dense oracle) or "xla"; "pallas" and None run "xla" (there is no
+    kernel for a strided mean). Raises ValueError for bad arguments.
     """
     validation.check_config(cfg)
     validation.check_tokens("x", x)
     validation.check_segment_ids(segment_ids, *x.shape[:2])
-    return dispatch.run("compress", implementation, x, cfg, segment_ids)
+    return dispatch.run("compress", implementation, x, cfg, segment_ids=segment_ids)
 
 
-@dispatch.register("compress", "xla")
-def _compress_xla(x, cfg, segment_ids):
+def compress_xla(x, cfg, *, segment_ids=None):
     blocks, _ = compression_blocks(x, cfg, segment_ids=segment_ids)
     return jnp.mean(blocks.astype(compute_dtype(x)), axis=2).astype(x.dtype)
 
@@ -54,13 +57,20 @@ def compressed_attention(q, k_cmp, v_cmp, cfg: NSAConfig, *, segment_ids=None, s
 
     q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv] ->
     (o [B, T, Hq, Dv], lse [B, T, Hq] float32). Compressed token i (tokens [i*d, i*d + l - 1]) is
-    visible to query t iff i*d + l - 1 <= t, both counted in the query's document. Rows that see
-    nothing (the first l - 1 tokens of every document) give o = 0 and lse = -inf, with zero
-    gradients.
+    visible to query t iff i*d + l - 1 <= t, both counted in the query's document (nsa_spec.md
+    §2.1). Rows that see nothing (the first l - 1 tokens of every document) give o = 0 and
+    lse = -inf, with zero gradients. scale defaults to 1/sqrt(Dk).
+
+    implementation: "reference", "xla", "pallas" (on Hopper the Mosaic GPU range-attention kernels
+    for 16-bit inputs with Dk, Dv in {64, 128}, else the Triton kernels; the Triton kernels on other
+    GPUs and on CPU in interpret mode; the Mosaic TPU kernels on TPU; xla for dtypes those kernels
+    do not take: float64 anywhere, float16 on TPU) or None (pallas on GPU/TPU, xla on CPU);
+    ops.dispatch.TABLE. Raises ValueError for bad arguments.
     """
     check_compressed_args(q, k_cmp, v_cmp, cfg, segment_ids)
-    return dispatch.run("compressed_attention", implementation, q, k_cmp, v_cmp, cfg, segment_ids,
-                        validation.default_scale(scale, q.shape[-1]))
+    return dispatch.run("compressed_attention", implementation, q, k_cmp, v_cmp, cfg,
+                        segment_ids=segment_ids,
+                        scale=validation.default_scale(scale, q.shape[-1]))
 
 
 def check_compressed_args(q, k_cmp, v_cmp, cfg, segment_ids):
@@ -80,8 +90,7 @@ def grouped_logits(q_c, k_c, scale):
     return jnp.einsum("bchgd,bshd->bhgcs", qg, k_c, precision="highest") * scale
 
 
-@dispatch.register("compressed_attention", "xla")
-def _compressed_attention_xla(q, k_cmp, v_cmp, cfg, segment_ids, scale):
+def compressed_attention_xla(q, k_cmp, v_cmp, cfg, *, segment_ids=None, scale):
     b, t, hq, _ = q.shape
     cd = compute_dtype(q)
     start = layout.compressed_layout(segment_ids, b, t, cfg).start
@@ -97,5 +106,5 @@ def _compressed_attention_xla(q, k_cmp, v_cmp, cfg, segment_ids, scale):
         return (o.reshape(b, -1, hq, v_c.shape[-1]).astype(q.dtype),
                 jnp.moveaxis(lse[..., 0], 3, 1).reshape(b, -1, hq).astype(jnp.float32))
 
-    return map_query_chunks(chunk, (q, positions(b, t), doc_start),
+    return map_query_chunks(chunk, (q, layout.positions(b, t), doc_start),
                             (k_cmp.astype(cd), v_cmp.astype(cd), start))

@@ -1,15 +1,18 @@
 """The dense-mask oracle: NSA written as plainly as possible, in float32 (float64 under x64), with
 O(T^2) memory. It is the spec in code and the yardstick of every other implementation — small T
 only. Every mask is built as a full [T, keys] table from positions, independently of the chunked
-gathers of the xla implementation; only the document layout and the NaN-safe softmax are shared.
+gathers of the xla implementation; only the document layout, the NaN-safe softmax and the
+forced-block rule of the top-n are shared. ops.dispatch.TABLE names these as "reference".
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.ops import dispatch, layout
+from nsa_jax import layout
+from nsa_jax.branches import combine_branches
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
+from nsa_jax.ops.selection import candidate_scores, finalize_indices, pad_blocks_to
 
 
 def _f(x):
@@ -42,8 +45,7 @@ def _slot_windows(segment_ids, b, t, cfg):
     return (start >= 0) & (tok >= start) & (tok < start + cfg.compress_block)
 
 
-@dispatch.register("compress", "reference")
-def compress(x, cfg, segment_ids):
+def compress(x, cfg, *, segment_ids=None):
     b, t = x.shape[:2]
     weights = _slot_windows(segment_ids, b, t, cfg).astype(compute_dtype(x)) / cfg.compress_block
     return jnp.einsum("bct,bthd->bchd", weights, _f(x), precision="highest").astype(x.dtype)
@@ -59,25 +61,26 @@ def _compressed_mask(segment_ids, b, t, cfg):
     return inside & jnp.any(windows, axis=-1)[:, None]
 
 
-@dispatch.register("compressed_attention", "reference")
-def compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids, scale):
+def compressed_attention(q, k_cmp, v_cmp, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     mask = _compressed_mask(segment_ids, b, t, cfg)[:, None]
     return _attend(q, k_cmp, v_cmp, mask, scale)
 
 
-def overlap_weights(cfg, num_blocks: int):
+def overlap_weights(cfg, num_blocks: int, num_compressed: int | None = None):
     """[i, j]: stride-d chunks shared by compressed token i and selection block j (interval overlap
-    of [i*d, i*d + l) and [j*l', (j+1)*l') divided by d)."""
-    i = jnp.arange(-(-num_blocks * cfg.select_block // cfg.compress_stride))[:, None]
+    of [i*d, i*d + l) and [j*l', (j+1)*l') divided by d), for the first `num_compressed`
+    compressed tokens (default: all that start inside the blocks)."""
+    if num_compressed is None:
+        num_compressed = -(-num_blocks * cfg.select_block // cfg.compress_stride)
+    i = jnp.arange(num_compressed)[:, None]
     j = jnp.arange(num_blocks)[None, :]
     lo = jnp.maximum(i * cfg.compress_stride, j * cfg.select_block)
     hi = jnp.minimum(i * cfg.compress_stride + cfg.compress_block, (j + 1) * cfg.select_block)
     return jnp.maximum(hi - lo, 0) // cfg.compress_stride
 
 
-@dispatch.register("block_scores", "reference")
-def block_scores(q, k_cmp, lse, cfg, segment_ids, scale):
+def block_scores(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     b, t, hq, _ = q.shape
     hkv = k_cmp.shape[2]
     num_blocks = cfg.num_blocks(t)
@@ -92,25 +95,26 @@ def block_scores(q, k_cmp, lse, cfg, segment_ids, scale):
     return per_head.reshape(b, t, hkv, hq // hkv, num_blocks).sum(3).astype(jnp.float32)
 
 
-@dispatch.register("select_blocks", "reference")
-def select_blocks(scores, local_pos, cfg):
-    from nsa_jax.ops.selection import candidate_scores, finalize_indices, pad_blocks_to
+def _top_n_by_sort(scores, local_pos, cfg):
+    """A stable full sort (not lax.top_k) of the candidates of scores [B, T, Hkv, NB] for queries
+    at document positions local_pos [B, T]."""
     cand = pad_blocks_to(candidate_scores(scores, local_pos, cfg), cfg.num_selected)
     order = jnp.argsort(-cand, axis=-1, stable=True)[..., :cfg.num_selected]
     return finalize_indices(order, jnp.take_along_axis(cand, order, axis=-1))
 
 
-@dispatch.register("select", "reference")
-def select(q, k_cmp, lse, cfg, segment_ids, scale):
+def select_blocks(scores, cfg, *, segment_ids=None):
+    return _top_n_by_sort(scores, layout.document_positions(segment_ids, *scores.shape[:2]), cfg)
+
+
+def select(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     stop = jax.lax.stop_gradient
-    scores = block_scores(stop(q), stop(k_cmp), stop(lse), cfg, segment_ids, scale)
-    b, t = q.shape[:2]
-    local_pos = jnp.arange(t) - layout.document_starts(segment_ids, b, t)
-    return select_blocks(scores, local_pos, cfg)
+    scores = block_scores(stop(q), stop(k_cmp), stop(lse), cfg, segment_ids=segment_ids,
+                          scale=scale)
+    return select_blocks(scores, cfg, segment_ids=segment_ids)
 
 
-@dispatch.register("selected_attention", "reference")
-def selected_attention(q, k, v, indices, cfg, segment_ids, scale):
+def selected_attention(q, k, v, indices, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     doc = layout.document_starts(segment_ids, b, t)
     key_block = (jnp.arange(t) - doc) // cfg.select_block  # [B, Tk]
@@ -121,9 +125,37 @@ def selected_attention(q, k, v, indices, cfg, segment_ids, scale):
     return _attend(q, k, v, jnp.moveaxis(mask, 2, 1), scale)[0]
 
 
-@dispatch.register("window_attention", "reference")
-def window_attention(q, k, v, cfg, segment_ids, scale):
+def window_attention(q, k, v, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     dist = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
     mask = _same_document(segment_ids, b, t) & (dist >= 0) & (dist < cfg.window)
     return _attend(q, k, v, mask[:, None], scale)[0]
+
+
+def nsa_decode(q, k, v, k_cmp, v_cmp, gates, position, cfg, *, k_win, v_win, scale):
+    """One query per sequence at `position` over the cache laid out as ops.decode_attention says,
+    every mask a full [B, slots] table from token positions."""
+    b, hq, _ = q.shape
+    hkv, lp, t = k.shape[2], cfg.select_block, position[:, None]
+    q1 = q[:, None]  # [B, 1, Hq, Dk]: the parallel oracle's layout with one query
+    seen = jnp.arange(k_cmp.shape[1]) * cfg.compress_stride + cfg.compress_block - 1 <= t
+    o_cmp, lse = _attend(q1, k_cmp, v_cmp, seen[:, None, None], scale)
+    lse = lse[:, 0]  # [B, Hq]
+    logits = jnp.einsum("bhd,bshd->bhs", _f(q), jnp.repeat(_f(k_cmp), hq // hkv, axis=2),
+                        precision="highest") * scale
+    usable = seen[:, None] & jnp.isfinite(lse)[..., None]
+    probs = jnp.where(usable, jnp.exp(logits - jnp.where(usable, lse[..., None], 0.0)), 0.0)
+    num_blocks = k.shape[1] // lp
+    weights = overlap_weights(cfg, num_blocks, k_cmp.shape[1]).astype(probs.dtype)
+    scores = jnp.einsum("bhs,sn->bhn", probs, weights, precision="highest")
+    scores = scores.reshape(b, hkv, hq // hkv, num_blocks).sum(2).astype(jnp.float32)
+    indices = _top_n_by_sort(scores[:, None], t, cfg)[:, 0]  # [B, Hkv, n]
+    slot = jnp.arange(k.shape[1])  # full cache: slot s holds token s
+    chosen = jnp.any(indices[..., None] == slot // lp, axis=-2)  # [B, Hkv, S]
+    o_slc = _attend(q1, k, v, (chosen & (slot <= t)[:, None])[:, :, None], scale)[0]
+    ring = jnp.arange(k_win.shape[1])  # ring slot r holds the latest token p <= t, p = r mod R
+    token = t - (t - ring) % k_win.shape[1]
+    in_window = (token >= 0) & (token > t - cfg.window)
+    o_win = _attend(q1, k_win, v_win, in_window[:, None, None], scale)[0]
+    outputs = tuple(o[:, 0] for o in (o_cmp, o_slc, o_win))
+    return combine_branches(gates, outputs, q.dtype), {"indices": indices, "lse_cmp": lse}

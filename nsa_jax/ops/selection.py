@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nsa_jax import layout
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import dispatch, layout, validation
-from nsa_jax.ops.chunking import map_query_chunks, positions
+from nsa_jax.ops import dispatch, validation
+from nsa_jax.ops.chunking import map_query_chunks
 from nsa_jax.ops.compression import check_compressed_args, grouped_logits
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
 
@@ -19,12 +20,17 @@ def block_scores(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None,
     The compressed branch's softmax probabilities (normalised with its `lse`) mapped onto
     selection blocks by overlap — compressed token i adds p_i times the number of stride-d chunks
     it shares with the block (weights 1, 2, 2, 2, 1 for l=32, d=16, l'=64) — and summed over the G
-    query heads of each KV head. Blocks are counted from the query's document start.
+    query heads of each KV head (nsa_spec.md §2.2, paper eq. 8-9). Blocks are counted from the
+    query's document start. scale defaults to 1/sqrt(Dk).
+
+    implementation: "reference" or "xla"; "pallas" and None run "xla" (the kernel fuses scoring
+    with the top-n: nsa_attention uses it). Raises ValueError for bad arguments.
     """
     dims = check_compressed_args(q, k_cmp, k_cmp, cfg, segment_ids)
     validation.expect_shape("lse", lse, (dims.batch, dims.length, dims.q_heads), "[B, T, Hq]")
     return dispatch.run("block_scores", implementation, q, k_cmp, lse.astype(jnp.float32), cfg,
-                        segment_ids, validation.default_scale(scale, q.shape[-1]))
+                        segment_ids=segment_ids,
+                        scale=validation.default_scale(scale, q.shape[-1]))
 
 
 def _compressed_probs(q_c, pos_c, doc_c, lse_c, k_c, start, cfg, scale):
@@ -75,15 +81,14 @@ def _score_inputs(q, k_cmp, lse, cfg, segment_ids):
     doc_start = layout.document_starts(segment_ids, b, t)
     cd = compute_dtype(q)
     stop = jax.lax.stop_gradient
-    per_query = (stop(q), positions(b, t), doc_start, stop(lse))
-    return per_query, (stop(k_cmp).astype(cd), lay.start, lay.index), doc_start
+    per_query = (stop(q), layout.positions(b, t), doc_start, stop(lse))
+    return per_query, (stop(k_cmp).astype(cd), lay.start, lay.index)
 
 
-@dispatch.register("block_scores", "xla")
-def _block_scores_xla(q, k_cmp, lse, cfg, segment_ids, scale):
+def block_scores_xla(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     b, t, _, _ = q.shape
     num_blocks = cfg.num_blocks(t)
-    per_query, shared, _ = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
+    per_query, shared = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
     fn = lambda xs, sh: (_scores_chunk(xs, sh, cfg, scale, num_blocks).astype(jnp.float32),)
     return map_query_chunks(fn, per_query, shared)[0]
 
@@ -98,16 +103,9 @@ def candidate_scores(scores, local_pos, cfg: NSAConfig):
     return jnp.where(forced, jnp.inf, jnp.where(valid, scores, -jnp.inf))
 
 
-def sorted_block_ids(ids):
-    """Block ids (-1 = none) in ascending order along the last axis, the -1 slots last."""
-    big = jnp.iinfo(jnp.int32).max
-    ids = jnp.sort(jnp.where(ids < 0, big, ids.astype(jnp.int32)), axis=-1)
-    return jnp.where(ids == big, -1, ids)
-
-
 def finalize_indices(chosen, chosen_scores):
     """Slots that only found -inf (fewer valid blocks than n) become -1; ascending order, -1 last."""
-    return sorted_block_ids(jnp.where(chosen_scores == -jnp.inf, -1, chosen))
+    return layout.sorted_block_ids(jnp.where(chosen_scores == -jnp.inf, -1, chosen))
 
 
 def pad_blocks_to(scores, n: int):
@@ -129,7 +127,10 @@ def select_blocks(scores, cfg: NSAConfig, *, segment_ids=None, implementation=No
     Only blocks up to the query's own (document-relative) block are candidates; block 0..
     num_init_blocks-1 and the num_local_blocks blocks ending at the query's block are always
     chosen and count toward n; ties go to the lower block index; unused slots are -1. Indices come
-    sorted ascending with the -1 slots last.
+    sorted ascending with the -1 slots last (nsa_spec.md §2.2, paper eq. 10-11).
+
+    implementation: "reference" or "xla"; "pallas" and None run "xla" (the kernel fuses scoring
+    with the top-n: nsa_attention uses it). Raises ValueError for bad arguments.
     """
     validation.check_config(cfg)
     if not hasattr(scores, "dtype") or len(scores.shape) != 4 \
@@ -140,19 +141,34 @@ def select_blocks(scores, cfg: NSAConfig, *, segment_ids=None, implementation=No
     validation.expect_shape("scores", scores, (b, t, hkv, cfg.num_blocks(t)),
                             "[B, T, Hkv, ceil(T / select_block)]")
     validation.check_segment_ids(segment_ids, b, t)
-    local_pos = positions(b, t) - layout.document_starts(segment_ids, b, t)
-    return dispatch.run("select_blocks", implementation, scores.astype(jnp.float32), local_pos, cfg)
+    return dispatch.run("select_blocks", implementation, scores.astype(jnp.float32), cfg,
+                        segment_ids=segment_ids)
 
 
-dispatch.register("select_blocks", "xla")(top_n)
+def select_blocks_xla(scores, cfg, *, segment_ids=None):
+    b, t = scores.shape[:2]
+    return top_n(scores, layout.document_positions(segment_ids, b, t), cfg)
 
 
-@dispatch.register("select", "xla")
-def _select_fused_xla(q, k_cmp, lse, cfg, segment_ids, scale):
+def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale, implementation=None):
+    """select_blocks(block_scores(q, k_cmp, lse, ...)) fused, on validated arguments (nsa_attention
+    calls it): [B, T, Hkv, n] int32, no gradient.
+
+    implementation: "reference", "xla" (per query chunk, so [T, NB] scores never exist at once),
+    "pallas" (on Hopper the Mosaic GPU block-score kernel for 16-bit inputs with Dk a multiple of
+    64, scoring queries in chunks that bound the scores' memory, then the Triton top-n; else the
+    fused Triton kernel on GPU, Hopper and CPU in interpret mode; xla for float64 and on TPU) or
+    None (pallas on GPU, xla on CPU and TPU); ops.dispatch.TABLE.
+    """
+    return dispatch.run("select", implementation, q, k_cmp, lse, cfg, segment_ids=segment_ids,
+                        scale=scale)
+
+
+def select_xla(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     """block_scores + select_blocks per query chunk, so [T, NB] scores never exist at once."""
     b, t, _, _ = q.shape
     num_blocks = cfg.num_blocks(t)
-    per_query, shared, doc_start = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
+    per_query, shared = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
 
     def fn(xs, sh):
         scores = _scores_chunk(xs, sh, cfg, scale, num_blocks)
@@ -167,14 +183,20 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, sc
 
     indices [B, T, Hkv, n] int (from `select_blocks`): block j of the query's document covers its
     tokens [j*l', (j+1)*l' - 1]; keys after the query are masked; negative slots are skipped and a
-    repeated block counts once. All G query heads of a KV head share its blocks.
+    repeated block counts once. All G query heads of a KV head share its blocks (nsa_spec.md §2.3).
+    scale defaults to 1/sqrt(Dk).
+
+    implementation: "reference", "xla", "pallas" (the Triton kernels on CPU in interpret mode, GPU
+    and Hopper for bf16/f32, the Mosaic TPU kernels on TPU for f32/bf16; xla for other dtypes) or
+    None (pallas on GPU/TPU, xla on CPU); ops.dispatch.TABLE. Raises ValueError for bad arguments.
     """
     validation.check_config(cfg)
     dims = validation.check_qkv(q, k, v)
     validation.check_indices(indices, dims)
     validation.check_segment_ids(segment_ids, dims.batch, dims.length)
     return dispatch.run("selected_attention", implementation, q, k, v, indices.astype(jnp.int32),
-                        cfg, segment_ids, validation.default_scale(scale, dims.dk))
+                        cfg, segment_ids=segment_ids,
+                        scale=validation.default_scale(scale, dims.dk))
 
 
 def _first_occurrence(indices):
@@ -185,8 +207,7 @@ def _first_occurrence(indices):
     return (indices >= 0) & ~repeated
 
 
-@dispatch.register("selected_attention", "xla")
-def _selected_attention_xla(q, k, v, indices, cfg, segment_ids, scale):
+def selected_attention_xla(q, k, v, indices, cfg, *, segment_ids=None, scale):
     b, t, hq, _ = q.shape
     hkv = k.shape[2]
     lp = cfg.select_block
@@ -210,4 +231,4 @@ def _selected_attention_xla(q, k, v, indices, cfg, segment_ids, scale):
         return (o.reshape(b, c, hq, -1).astype(q.dtype),)
 
     shared = (jnp.moveaxis(k.astype(cd), 2, 1), jnp.moveaxis(v.astype(cd), 2, 1))
-    return map_query_chunks(chunk, (q, positions(b, t), doc_start, indices), shared)[0]
+    return map_query_chunks(chunk, (q, layout.positions(b, t), doc_start, indices), shared)[0]

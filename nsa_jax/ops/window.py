@@ -4,26 +4,46 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nsa_jax import layout
 from nsa_jax.config import NSAConfig
-from nsa_jax.ops import dispatch, layout, validation
-from nsa_jax.ops.chunking import QUERY_CHUNK, map_query_chunks, positions
+from nsa_jax.ops import dispatch, validation
+from nsa_jax.ops.chunking import QUERY_CHUNK, map_query_chunks
 from nsa_jax.ops.compression import grouped_logits
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
+from nsa_jax.ops.per_device import per_device
 
 
 def window_attention(q, k, v, cfg: NSAConfig, *, segment_ids=None, scale=None,
                      implementation=None):
     """Causal sliding-window attention over keys [t - w + 1, t] (w = cfg.window keys, the query's
-    own token included) of the query's document: [B, T, Hq, Dv]."""
+    own token included) of the query's document: [B, T, Hq, Dv] (nsa_spec.md §2.4). scale
+    defaults to 1/sqrt(Dk).
+
+    implementation: "reference", "xla", "pallas" (cuDNN's sliding window on GPU and Hopper for
+    unpacked 16-bit inputs with Dk == Dv a multiple of 8 up to 256; on Hopper otherwise the Mosaic
+    GPU range-attention kernels for 16-bit inputs with Dk, Dv in {64, 128} (packed documents
+    included); xla for everything else and on CPU and TPU) or None (pallas on GPU/TPU, xla on
+    CPU); ops.dispatch.TABLE. Raises ValueError for bad arguments.
+    """
     validation.check_config(cfg)
     dims = validation.check_qkv(q, k, v)
     validation.check_segment_ids(segment_ids, dims.batch, dims.length)
-    return dispatch.run("window_attention", implementation, q, k, v, cfg, segment_ids,
-                        validation.default_scale(scale, dims.dk))
+    return dispatch.run("window_attention", implementation, q, k, v, cfg, segment_ids=segment_ids,
+                        scale=validation.default_scale(scale, dims.dk))
 
 
-@dispatch.register("window_attention", "xla")
-def _window_attention_xla(q, k, v, cfg, segment_ids, scale):
+def window_attention_cudnn(q, k, v, cfg, *, segment_ids=None, scale):
+    """cuDNN's fused sliding window (jax.nn.dot_product_attention), per device under a mesh like
+    the Pallas kernels; no packed documents."""
+    del segment_ids  # dispatch.cudnn_window_fits: only unpacked inputs come here
+    # is_causal=True is required: a left-only window without it attends to the future on cuDNN.
+    kernel = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, local_window_size=(cfg.window - 1, 0),
+        implementation="cudnn")
+    return per_device(kernel, q, k, v)
+
+
+def window_attention_xla(q, k, v, cfg, *, segment_ids=None, scale):
     b, t, hq, _ = q.shape
     w = min(cfg.window, t)
     chunk = min(QUERY_CHUNK, t)
@@ -48,4 +68,4 @@ def _window_attention_xla(q, k, v, cfg, segment_ids, scale):
         return (o.reshape(b, -1, hq, v.shape[-1]).astype(q.dtype),)
 
     doc_start = layout.document_starts(segment_ids, b, t)
-    return map_query_chunks(fn, (q, positions(b, t), doc_start), (k_p, v_p), chunk=chunk)[0]
+    return map_query_chunks(fn, (q, layout.positions(b, t), doc_start), (k_p, v_p), chunk=chunk)[0]

@@ -72,21 +72,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-
-def restore_trained_model(run, workdir):
-    """-> (graphdef, model state, step) of the nsa-train run `run` (resolved settings) in
-    `workdir`, from its newest good checkpoint, read-only (safe beside a running trainer)."""
-    from flax import nnx
-
-    from nsa_jax.train.model import build_model
-
-    graphdef, state = nnx.split(build_model(run.model, run.train.seed))
-    checkpointer = Checkpointer(workdir, run.train.max_to_keep, read_only=True)
-    try:
-        restored = checkpointer.restore_latest(state)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train "
-                                f"first (nsa-train --config ... --workdir {workdir})")
-    return graphdef, restored[1], restored[0]

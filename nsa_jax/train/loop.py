@@ -8,18 +8,17 @@ import time
 import jax
 from flax import nnx
 
-from nsa_jax.data import make_train_batch
+from nsa_jax.data import make_train_batch, validation_loss
 from nsa_jax.train.checkpoint import Checkpointer
 from nsa_jax.train.distributed import global_batch, initialize_if_asked, local_rows
 from nsa_jax.train.interrupts import Interrupted, catch_stop_signals
 from nsa_jax.train.metrics import MetricsLog, plot_losses
-from nsa_jax.train.model import build_model
 from nsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.train.progress import Progress, format_eval_line, format_train_line
-from nsa_jax.train.settings import RunConfig, resolve
+from nsa_jax.train.run_config import RunConfig, resolve
 from nsa_jax.train.sharding import batch_sharding, check_batch_size, make_mesh, state_shardings
 from nsa_jax.train.step import make_eval_step, make_train_step
-from nsa_jax.train.validation_loss import validation_loss
+from nsa_jax.train.trained_run import new_model
 from nsa_jax.train.workdir import prepare_workdir
 
 
@@ -50,7 +49,7 @@ def sharded_start(run: RunConfig, mesh):
     tx = make_optimizer(run.optimizer, run.train.steps)
 
     def create():
-        model = build_model(run.model, run.train.seed)
+        model = new_model(run)
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     (model_def, model_shape), (opt_def, opt_shape) = map(nnx.split, nnx.eval_shape(create))
@@ -72,7 +71,8 @@ class Trainer:
             sharded_start(run, self.mesh))
         self.batch_sharding = batch_sharding(self.mesh)
         self.rows = local_rows(self.batch_sharding, run.data.batch_size)
-        self.train_step = make_train_step(model_def, opt_def, (*shardings, self.batch_sharding))
+        self.train_step = make_train_step(model_def, opt_def, (*shardings, self.batch_sharding),
+                                          run.train.loss_normalization)
         self._eval_step = make_eval_step(model_def, (shardings[0], self.batch_sharding))
         self.checkpointer = Checkpointer(workdir, run.train.max_to_keep)
         self.log = MetricsLog(workdir)

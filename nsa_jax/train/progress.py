@@ -7,6 +7,8 @@ import sys
 
 from tqdm import tqdm
 
+from nsa_jax.branches import BRANCHES
+
 
 class Progress:
     def __init__(self, total: int, initial: int, *, quiet: bool = False):
@@ -31,8 +33,8 @@ class Progress:
 
 
 def format_train_line(record: dict, steps: int, eta_s: float) -> str:
-    gates = " ".join(f"{k[5:]} {record[k]:.2f}" for k in ("gate_cmp", "gate_slc", "gate_win")
-                     if k in record)
+    gates = " ".join(f"{name} {record['gate_' + name]:.2f}" for name in BRANCHES
+                     if "gate_" + name in record)
     return (f"step {record['step']:>{len(str(steps))}}/{steps}  loss {record['loss']:.4f}  "
             f"lr {record['learning_rate']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
             + (f"  gates {gates}" if gates else "") + f"  eta {_duration(eta_s)}")

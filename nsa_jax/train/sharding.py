@@ -6,52 +6,16 @@ replicated over "data". XLA inserts the all-gathers and reduce-scatters inside t
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from nsa_jax.train.checks import require_int
+from nsa_jax.train.run_config import AXES, MeshSettings
 
-AXES = ("data", "fsdp")
 # Arrays smaller than this stay whole on every device: gathering them would cost more time than
 # their copies cost memory (norm scales, biases, gates, step counters).
 MIN_SHARDED_SIZE = 2**12
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSettings:
-    """data x fsdp devices (one of them may be -1: all devices the other leaves). A mesh smaller
-    than the machine uses its first data * fsdp devices (single process only). distributed=True
-    calls jax.distributed.initialize() before anything touches a device (also done whenever
-    JAX_COORDINATOR_ADDRESS is set)."""
-
-    data: int = 1
-    fsdp: int = -1
-    distributed: bool = False
-
-    def __post_init__(self):
-        for key in AXES:
-            value = getattr(self, key)
-            if value != -1:
-                require_int("mesh.", key, value, 1)
-        if self.data == self.fsdp == -1:
-            raise ValueError("config mesh.data and mesh.fsdp cannot both be -1 (fill); set one "
-                             "of them to a device count")
-        if not isinstance(self.distributed, bool):
-            raise ValueError(f"config mesh.distributed must be True or False, got "
-                             f"{self.distributed!r}")
-
-    def sizes(self, num_devices: int) -> tuple[int, int]:
-        """(data, fsdp) with -1 filled in for `num_devices` devices."""
-        fixed = math.prod(s for s in (self.data, self.fsdp) if s != -1)
-        if fixed > num_devices or (-1 in (self.data, self.fsdp) and num_devices % fixed):
-            fill = " (-1 fills the rest, so the other size must divide it)" if -1 in (
-                self.data, self.fsdp) else ""
-            raise ValueError(f"config mesh data={self.data} x fsdp={self.fsdp} does not fit the "
-                             f"{num_devices} device(s) here{fill}")
-        return tuple(num_devices // fixed if s == -1 else s for s in (self.data, self.fsdp))
 
 
 def make_mesh(settings: MeshSettings) -> jax.sharding.Mesh:

@@ -7,36 +7,26 @@ layout never drifts between steps, checkpoints and resumes.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nsa_jax.train.model import forward
+from nsa_jax.models import mean_loss, token_losses
 from nsa_jax.train.sharding import replicated
 
 
-def token_losses(model, batch):
-    """-> (sum of masked cross-entropy, number of target tokens, gate means)."""
-    logits, gates = forward(model, batch)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    return jnp.sum(ce * mask), jnp.sum(mask), gates
-
-
-def mean_loss(model, batch):
-    total, count, gates = token_losses(model, batch)
-    return total / jnp.maximum(count, 1.0), gates
-
-
-def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings):
+def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings,
+                    loss_normalization: str = "token"):
     """(model_state, opt_state, batch) -> (model_state, opt_state, metrics); shardings:
-    (model, optimizer, batch)."""
+    (model, optimizer, batch); loss_normalization: mean_loss's normalization."""
+    loss_fn = functools.partial(mean_loss, normalization=loss_normalization)
 
     def train_step(model_state, opt_state, batch):
         model = nnx.merge(model_def, model_state)
         optimizer = nnx.merge(opt_def, opt_state)
-        (loss, gates), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model, batch)
+        (loss, gates), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
         optimizer.update(model, grads)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **gates}
         return nnx.state(model), nnx.state(optimizer), metrics
@@ -45,15 +35,12 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings):
                    out_shardings=(*shardings[:2], replicated(shardings[2].mesh)))
 
 
-def make_eval_step(model_def: nnx.GraphDef, shardings=None):
-    """(model_state, batch) -> (summed token loss, token count); shardings: (model, batch) or
-    None."""
+def make_eval_step(model_def: nnx.GraphDef, shardings):
+    """(model_state, batch) -> (summed token loss, token count); shardings: (model, batch)."""
 
     def eval_step(model_state, batch):
         total, count, _ = token_losses(nnx.merge(model_def, model_state), batch)
         return total, count
 
-    if shardings is None:
-        return jax.jit(eval_step)
     return jax.jit(eval_step, in_shardings=shardings, out_shardings=replicated(shardings[1].mesh))
 

@@ -8,15 +8,17 @@ dimension) and every per-query value (position, document start, selected blocks)
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# Finite stand-in for -inf inside kernels: masked logits never produce inf - inf = NaN.
-MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels import MASKED
+
 # Sorts after every real token index (marks unused entries before sorting or searching).
 AFTER_ALL = int(jnp.iinfo(jnp.int32).max)
 
@@ -129,10 +131,21 @@ def lse_for_backward(lse):
     return jnp.where(jnp.isfinite(lse), lse, 0.0).astype(jnp.float32)
 
 
-def check_block(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+def kernel_with_vjp(forward, backward, num_inputs: int):
+    """f(*inputs, opts) behind a custom_vjp: forward(*inputs, opts) -> (out, residuals) gives the
+    value; backward(opts, (*inputs, *residuals), cotangent) -> the inputs' cotangents. opts (the
+    static options) is f's last argument and not differentiated."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(num_inputs,))
+    def f(*args):
+        return forward(*args)[0]
+
+    def f_fwd(*args):
+        out, residuals = forward(*args)
+        return out, (*args[:num_inputs], *residuals)
+
+    f.defvjp(f_fwd, backward)
+    return f
 
 
 def prefetch_call(kernel, args, *, grid, num_prefetch, in_specs, out_specs, out_shape, scratch,

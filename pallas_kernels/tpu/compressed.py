@@ -10,6 +10,7 @@ Forward/dQ grid: (B*Hkv, query tiles, slot tiles); dK/dV grid: (B*Hkv, slot tile
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -18,7 +19,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from nsa_jax import layout
+from nsa_jax.config import NSAConfig, require_int
+from pallas_kernels import MASKED
 from pallas_kernels.tpu import common
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tile options: block_q query positions (x G heads) per query tile (None: enough for 128
+    rows), block_k compressed slots per slot tile."""
+    block_q: int | None = None
+    block_k: int = 128
+
+    def __post_init__(self):
+        if self.block_q is not None:
+            require_int("Tiling.block_q", self.block_q, 1)
+        require_int("Tiling.block_k", self.block_k, 1)
 
 
 class _Opts(NamedTuple):
@@ -124,7 +141,7 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, pos_ref, doc_ref, start_ref, k_ref, v_ref
                 m_sc, l_sc, acc_sc, *, opts: _Opts, kv_heads: int):
     @pl.when(pl.program_id(2) == 0)
     def _():
-        m_sc[...] = jnp.full(m_sc.shape, common.MASKED, jnp.float32)
+        m_sc[...] = jnp.full(m_sc.shape, MASKED, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
@@ -270,34 +287,24 @@ def _backward(opts: _Opts, res, cotangents):
     return common.from_rows(dq_rows, t, lay.group), from_slots(dk), from_slots(dv), None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _compressed(q, k, v, doc_start, slot_start, opts):
-    return _forward(q, k, v, doc_start, slot_start, opts)[0]
+# (q, k, v, doc_start, slot_start, opts); residuals (o_rows, lse_rows)
+_compressed = common.kernel_with_vjp(_forward, _backward, num_inputs=5)
 
 
-def _compressed_fwd(q, k, v, doc_start, slot_start, opts):
-    out, (o_rows, lse_rows) = _forward(q, k, v, doc_start, slot_start, opts)
-    return out, (q, k, v, doc_start, slot_start, o_rows, lse_rows)
+def compressed_attention(q, k_cmp, v_cmp, cfg: NSAConfig, *, segment_ids=None, scale=None,
+                         interpret: Any = False, tiling: Tiling | None = None):
+    """Attention over compressed tokens -> (o [B, T, Hq, Dv], lse [B, T, Hq] float32): the
+    semantics of nsa_jax.ops.compressed_attention (nsa_spec.md §2.1).
 
-
-_compressed.defvjp(_compressed_fwd, _backward)
-
-
-def compressed_attention(q, k_cmp, v_cmp, doc_start, slot_start, *, compress_block: int,
-                         scale: float, block_q: int | None = None, block_k: int = 128,
-                         interpret: Any = False):
-    """Attention over compressed tokens -> (o [B, T, Hq, Dv], lse [B, T, Hq] float32).
-
-    q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv]; doc_start [B, T] int32: the
-    first token of each query's document; slot_start [B, Tc] int32: the first raw token of each
-    compressed slot, ascending over the valid slots, -1 for padding slots. Rows that see nothing
-    get o = 0 and lse = -inf (zero gradients). `block_q` positions (x G heads) per query tile
-    (default: enough for 128 rows), `block_k` slots per slot tile; `interpret` is passed to
-    pallas_call.
+    q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv] (float32 or bfloat16), slots
+    laid out as nsa_jax.layout says; segment_ids [B, T] int or None; scale defaults to 1/sqrt(Dk).
+    Rows that see nothing get o = 0 and lse = -inf (zero gradients). `interpret` is passed to
+    pallas_call (e.g. pltpu.InterpretParams()).
     """
-    group = q.shape[2] // k_cmp.shape[2]
-    opts = _Opts(common.check_block("compress_block", compress_block), float(scale),
-                 common.check_block("block_q", block_q or common.default_block_q(group)),
-                 common.check_block("block_k", block_k), interpret)
-    return _compressed(q, k_cmp, v_cmp, doc_start.astype(jnp.int32), slot_start.astype(jnp.int32),
-                       opts)
+    b, t, hq, dk = q.shape
+    group = hq // k_cmp.shape[2]
+    tiling = tiling or Tiling()
+    opts = _Opts(cfg.compress_block, float(dk ** -0.5 if scale is None else scale),
+                 tiling.block_q or common.default_block_q(group), tiling.block_k, interpret)
+    return _compressed(q, k_cmp, v_cmp, layout.document_starts(segment_ids, b, t),
+                       layout.compressed_layout(segment_ids, b, t, cfg).start, opts)

@@ -11,6 +11,7 @@ tiles that touched the key tile (built in XLA, no atomics) the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -20,8 +21,77 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from nsa_jax import layout
+from nsa_jax.config import NSAConfig, require_int
+from pallas_kernels import MASKED
 from pallas_kernels.tpu import common
-from pallas_kernels.tpu.selected_index import key_tiles, query_tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tile options: block_q query positions (x G heads) per tile; None: enough for 128 rows."""
+    block_q: int | None = None
+
+    def __post_init__(self):
+        if self.block_q is not None:
+            require_int("Tiling.block_q", self.block_q, 1)
+
+
+# --- Index tables, built in XLA: block j of query t's document covers the absolute tokens
+# [doc_start[t] + j * l', doc_start[t] + (j + 1) * l'), so everything works with absolute starts.
+
+class QueryTiles(NamedTuple):
+    """row_starts [B, Hkv, Tp*G, n]: each row's usable block starts (-1: slot unused);
+    blocks [B*Hkv, NT, 1, QB*n]: the distinct block starts any query of a tile uses, ascending;
+    count [B*Hkv*NT]: how many entries of `blocks` are real."""
+
+    row_starts: jnp.ndarray
+    blocks: jnp.ndarray
+    count: jnp.ndarray
+
+
+def query_tiles(indices, doc_start, *, select_block: int, block_q: int, padded_length: int,
+                group: int) -> QueryTiles:
+    """Slots that are -1, repeat an earlier slot, or start after the query (so contribute nothing)
+    are dropped here; that also keeps every DMA inside [0, T + l')."""
+    b, t, hkv, n = indices.shape
+    num_blocks = -(-t // select_block)
+    idx = jnp.clip(indices, -1, num_blocks)
+    start = doc_start[:, :, None, None] + idx * select_block
+    pos = jnp.arange(t, dtype=jnp.int32)[None, :, None, None]
+    start = jnp.where((idx >= 0) & (start <= pos), start, -1)  # [B, T, Hkv, n]
+    rows = common.per_row(start, group, padded_length, -1)  # [B, Tp*G, Hkv, n]
+    row_starts = rows.transpose(0, 2, 1, 3)
+
+    padded = jnp.pad(start, [(0, 0), (0, padded_length - t), (0, 0), (0, 0)], constant_values=-1)
+    nt = padded_length // block_q
+    tiles = padded.reshape(b, nt, block_q, hkv, n).transpose(0, 3, 1, 2, 4)
+    unused = common.AFTER_ALL
+    tiles = jnp.sort(jnp.where(tiles >= 0, tiles, unused).reshape(b * hkv, nt, block_q * n), -1)
+    first = jnp.concatenate([jnp.ones_like(tiles[..., :1], bool),
+                             tiles[..., 1:] != tiles[..., :-1]], axis=-1) & (tiles != unused)
+    blocks = jnp.sort(jnp.where(first, tiles, unused), axis=-1)
+    blocks = jnp.where(blocks == unused, 0, blocks)
+    count = jnp.sum(first, axis=-1, dtype=jnp.int32).reshape(-1)
+    return QueryTiles(row_starts, blocks[:, :, None], count)
+
+
+def key_tiles(tiles: QueryTiles, *, select_block: int, num_key_tiles: int):
+    """The transposed index for dK/dV: for every aligned key tile of l' keys, the query tiles
+    whose selected blocks overlap it (ascending, [B*Hkv, NKT, 1, NT]) and their number
+    ([B*Hkv*NKT]). An unaligned block overlaps two key tiles and is listed under both."""
+    blocks = tiles.blocks[:, :, 0]
+    bh, nt, width = blocks.shape
+    used = jnp.arange(width) < tiles.count.reshape(bh, nt)[..., None]
+    hit = jnp.zeros((bh, num_key_tiles + 1, nt), bool)
+    rows = jnp.arange(bh)[:, None, None]
+    cols = jnp.arange(nt)[None, :, None]
+    for last_key in (0, select_block - 1):
+        key_tile = jnp.where(used, (blocks + last_key) // select_block, num_key_tiles)
+        hit = hit.at[rows, key_tile, cols].set(True)
+    hit = hit[:, :num_key_tiles]
+    order = jnp.argsort(~hit, axis=-1, stable=True).astype(jnp.int32)
+    return order[:, :, None], jnp.sum(hit, axis=-1, dtype=jnp.int32).reshape(-1)
 
 
 class _Opts(NamedTuple):
@@ -36,7 +106,7 @@ class _Layout(NamedTuple):
     k: jnp.ndarray  # [B, Hkv, Tk, Dk], Tk >= T + l' (zero padded)
     v: jnp.ndarray  # [B, Hkv, Tk, Dv]
     pos: jnp.ndarray  # [B, Tp*G, 1] absolute query position, -1 for padded rows
-    tiles: Any  # selected_index.QueryTiles
+    tiles: Any  # QueryTiles
     group: int
 
 
@@ -83,7 +153,7 @@ def _fwd_kernel(count_ref, blocks_ref, q_ref, pos_ref, starts_ref, k_hbm, v_hbm,
         return common.online_softmax_step(carry, logits, mask, v)
 
     rows = q.shape[0]
-    init = (jnp.full((rows, 1), common.MASKED, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+    init = (jnp.full((rows, 1), MASKED, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, o_ref.shape[-1]), jnp.float32))
     o, lse = common.softmax_result(*_walk_blocks(count_ref, blocks_ref, k_hbm, v_hbm, bufs, body,
                                                  init))
@@ -225,31 +295,25 @@ def _backward(opts: _Opts, res, do):
     return (common.from_rows(dq_rows, t, lay.group), from_keys(dk), from_keys(dv), None, None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _selected(q, k, v, indices, doc_start, opts):
-    return _forward(q, k, v, indices, doc_start, opts)[0]
+# (q, k, v, indices, doc_start, opts); residuals (o_rows, lse_rows)
+_selected = common.kernel_with_vjp(_forward, _backward, num_inputs=5)
 
 
-def _selected_fwd(q, k, v, indices, doc_start, opts):
-    o, (o_rows, lse_rows) = _forward(q, k, v, indices, doc_start, opts)
-    return o, (q, k, v, indices, doc_start, o_rows, lse_rows)
+def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, scale=None,
+                       interpret: Any = False, tiling: Tiling | None = None):
+    """Attention of each query over the keys of its selected blocks -> [B, T, Hq, Dv]: the
+    semantics of nsa_jax.ops.selected_attention (nsa_spec.md §2.3).
 
-
-_selected.defvjp(_selected_fwd, _backward)
-
-
-def selected_attention(q, k, v, indices, doc_start, *, select_block: int, scale: float,
-                       block_q: int | None = None, interpret: Any = False):
-    """Attention of each query over the keys of its selected blocks -> [B, T, Hq, Dv].
-
-    q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv]; indices [B, T, Hkv, n] int32: block j
-    of the query's document covers its tokens [j*l', (j+1)*l'), keys after the query are masked,
-    negative slots are skipped and a repeated block counts once; doc_start [B, T] int32: first
-    token of each query's document. `block_q` query positions (x G heads) form one tile (default:
-    enough for 128 rows); `interpret` is passed to pallas_call (e.g. pltpu.InterpretParams()).
+    q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (float32 or bfloat16); indices
+    [B, T, Hkv, n] int: block j of the query's document covers its tokens [j*l', (j+1)*l'), keys
+    after the query are masked, negative slots are skipped and a repeated block counts once;
+    segment_ids [B, T] int or None; scale defaults to 1/sqrt(Dk). `interpret` is passed to
+    pallas_call (e.g. pltpu.InterpretParams()).
     """
-    group = q.shape[2] // k.shape[2]
-    block_q = common.check_block("block_q", block_q or common.default_block_q(group))
-    opts = _Opts(common.check_block("select_block", select_block), float(scale), block_q,
+    b, t, hq, dk = q.shape
+    group = hq // k.shape[2]
+    block_q = (tiling or Tiling()).block_q or common.default_block_q(group)
+    opts = _Opts(cfg.select_block, float(dk ** -0.5 if scale is None else scale), block_q,
                  interpret)
-    return _selected(q, k, v, indices.astype(jnp.int32), doc_start.astype(jnp.int32), opts)
+    return _selected(q, k, v, indices.astype(jnp.int32),
+                     layout.document_starts(segment_ids, b, t), opts)

@@ -1,0 +1,50 @@
+"""The DecoderLM's forward pass through its cache: prefill a batch of prompts, then one token per
+sequence per step. Both run the model's own blocks (`DecoderBlock.around`) with the cached
+attention of `cached_layers.py` as their token mixer, so nothing of the model is copied or
+re-implemented."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from nsa_jax.generation.cache import CacheState, init_state
+from nsa_jax.generation.cached_layers import prefill_layer, step_layer
+
+
+def _through_blocks(model, x, mixer, caches):
+    new_caches = []
+    for block, cache in zip(model.blocks, caches):
+        x, cache = block.around(x, lambda h: mixer(block.attn, h, cache))
+        new_caches.append(cache)
+    return model.logits(x), tuple(new_caches)
+
+
+def check_prompts(tokens, lengths, max_len: int):
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an int array [B, P], got {tokens.dtype} {tokens.shape}")
+    if lengths.shape != tokens.shape[:1] or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an int array [B] = {tokens.shape[:1]}, got "
+                         f"{lengths.dtype} {lengths.shape}")
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"prompts of {tokens.shape[1]} tokens do not fit max_len={max_len}")
+
+
+def prefill(model, tokens, lengths, max_len: int):
+    """Prompts tokens [B, P] (left-aligned, right-padded; `lengths` [B] real tokens, 1..P) ->
+    (logits [B, P, V] float32 as the parallel forward gives them, CacheState for max_len)."""
+    check_prompts(tokens, lengths, max_len)
+    state = init_state(model.cfg, tokens.shape[0], max_len)
+    lengths = lengths.astype(jnp.int32)
+    logits, caches = _through_blocks(
+        model, model.embed(tokens), lambda attn, h, c: prefill_layer(attn, h, lengths, c),
+        state.layers)
+    return logits, CacheState(caches, lengths)
+
+
+def step(model, state: CacheState, tokens, implementation=None):
+    """One new token per sequence, tokens [B] int -> (logits [B, V] float32, state). Each
+    sequence must have room: lengths < the cache's max_len (not checked under jit)."""
+    position = state.lengths
+    logits, caches = _through_blocks(
+        model, model.embed(tokens[:, None]),
+        lambda attn, h, c: step_layer(attn, h, position, c, implementation), state.layers)
+    return logits[:, 0], CacheState(caches, position + 1)

@@ -1,0 +1,108 @@
+"""Where documents, compressed tokens and selection blocks lie in a (possibly packed) sequence.
+
+Pure jnp, importing nothing of nsa_jax but the config, so the ops, the layers and the Pallas kernels
+(which may not import nsa_jax.ops) share one definition of every layout.
+
+Packed documents are marked by `segment_ids` [B, T]: a document is a maximal run of equal
+consecutive ids. Every position, compressed token and selection block is counted from its
+document's start, so a document packed with others is computed exactly as if it were alone.
+
+Compressed-token layout: without segment_ids slot i holds compressed token i (tokens
+[i*d, i*d + l - 1]) and there are Tc = (T - l) // d + 1 slots (0 if T < l). With segment_ids there
+are Tc = T // d slots holding every document's compressed tokens in order, documents in order, and
+padding slots (start -1) at the end; T // d always suffices because a document of L tokens has at
+most L // d compressed tokens.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+
+from nsa_jax.config import NSAConfig
+
+
+def positions(batch: int, length: int):
+    """[B, T] int32 absolute token index."""
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def document_starts(segment_ids, batch: int, length: int):
+    """[B, T] int32: index of the first token of each token's document (0 when unpacked)."""
+    if segment_ids is None:
+        return jnp.zeros((batch, length), jnp.int32)
+    t = jnp.arange(length, dtype=jnp.int32)
+    changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+    is_start = jnp.concatenate([jnp.ones((batch, 1), bool), changed], axis=1)
+    return lax.cummax(jnp.where(is_start, t, 0), axis=1)
+
+
+def document_ends(segment_ids, batch: int, length: int):
+    """[B, T] int32: index of the last token of each token's document."""
+    if segment_ids is None:
+        return jnp.full((batch, length), length - 1, jnp.int32)
+    t = jnp.arange(length, dtype=jnp.int32)
+    changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+    is_end = jnp.concatenate([changed, jnp.ones((batch, 1), bool)], axis=1)
+    return lax.cummin(jnp.where(is_end, t, length), axis=1, reverse=True)
+
+
+def document_positions(segment_ids, batch: int, length: int):
+    """[B, T] int32 position of each token inside its document (`arange(T)` without segment_ids):
+    positions restart at 0 at every document start, which is what makes a packed document see
+    exactly what it sees alone."""
+    return positions(batch, length) - document_starts(segment_ids, batch, length)
+
+
+def num_compressed_slots(length: int, cfg: NSAConfig, packed: bool) -> int:
+    """Tc of the layout above: T // d slots for packed documents, else cfg.num_compressed(T)."""
+    return length // cfg.compress_stride if packed else cfg.num_compressed(length)
+
+
+class CompressedLayout(NamedTuple):
+    """Per compressed slot [B, Tc] int32: absolute index of its first raw token and its
+    document-relative index i (both -1 for padding slots)."""
+
+    start: jnp.ndarray
+    index: jnp.ndarray
+
+
+def compressed_layout(segment_ids, batch: int, length: int, cfg: NSAConfig) -> CompressedLayout:
+    d, l = cfg.compress_stride, cfg.compress_block
+    if segment_ids is None:
+        tc = cfg.num_compressed(length)
+        start = jnp.broadcast_to(jnp.arange(tc, dtype=jnp.int32) * d, (batch, tc))
+        return CompressedLayout(start, start // d)
+    tc = num_compressed_slots(length, cfg, packed=True)
+    t = jnp.arange(length, dtype=jnp.int32)
+    doc_start = document_starts(segment_ids, batch, length)
+    doc_end = document_ends(segment_ids, batch, length)
+    is_first = ((t - doc_start) % d == 0) & (t + l - 1 <= doc_end)
+    slot = jnp.where(is_first, jnp.cumsum(is_first, axis=1) - 1, tc)
+    rows = jnp.arange(batch)[:, None]
+    start = jnp.full((batch, tc), -1, jnp.int32).at[rows, slot].set(
+        jnp.broadcast_to(t, (batch, length)), mode="drop")
+    doc = jnp.take_along_axis(doc_start, jnp.maximum(start, 0), axis=1)
+    index = jnp.where(start >= 0, (start - doc) // d, -1)
+    return CompressedLayout(start, index)
+
+
+def compressed_visible(start, query_pos, query_doc_start, cfg: NSAConfig):
+    """[B, Tq, Tc] bool: is compressed slot (first raw token `start` [B, Tc]) visible to each query
+    (absolute position and document start [B, Tq])?
+
+    A compressed token never straddles a document, so "starts inside the query's document and ends
+    at or before the query" is the whole rule.
+    """
+    start = start[:, None, :]
+    return ((start >= query_doc_start[:, :, None])
+            & (start + cfg.compress_block - 1 <= query_pos[:, :, None]))
+
+
+def sorted_block_ids(ids):
+    """Selection block ids (-1 = none) in ascending order along the last axis, the -1 slots last:
+    the order every implementation of select_blocks returns."""
+    big = jnp.iinfo(jnp.int32).max
+    ids = jnp.sort(jnp.where(ids < 0, big, ids.astype(jnp.int32)), axis=-1)
+    return jnp.where(ids == big, -1, ids)
