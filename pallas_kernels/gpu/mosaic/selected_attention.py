@@ -35,6 +35,23 @@ Where the bandwidth of HBM, not L2->SM, limits: the forward at G=16 is bound by 
 traffic (~12 ms at 4.3 TB/s), the backward by tensor-core rate. `Tiling` lets the GPU run compare
 warpgroup counts and ring depths.
 
+TMA alignment (interpret mode does not check it; the rules: an SMEM destination or source starts
+on a multiple of 128 bytes, 1024 for swizzled tiles; a GMEM start on 16 bytes; GMEM strides are
+multiples of 16 bytes). Dk and Dv are zero-padded to multiples of 64, so one row of q, dO, K, V,
+O or dQ is a multiple of 128 bytes, and every buffer starts on 1 KiB (Mosaic's scratch rule).
+* K/V tile [64, D] -> swizzled ring slot: slots are 8 KiB multiples; GMEM rows of Hkv*D*2 bytes.
+* meta row [M] int32 -> row 0 or 1 of a [2, M] buffer: M is a multiple of 32 words (128 bytes;
+  a 48-byte M crashed the first GPU run with CUDA_ERROR_MISALIGNED_ADDRESS).
+* per-row vectors [3 or 2, W, 64] -> ring slot: 256 * W bytes per vector row.
+* query / dO rows of one position [G, D] -> rows r*G .. r*G + G - 1 of a warpgroup's [64, D] tile:
+  when 8 divides G the tile is swizzled and r*G is a multiple of 8 (whole 1 KiB swizzle atoms);
+  otherwise the tile is plain (unswizzled) SMEM, where row r*G starts at r*G*D*2 bytes, a multiple
+  of 128 for any G, and the compute warpgroup re-lays it into a swizzled tile for wgmma. The spare
+  rows 64 - (64 // G) * G follow the same rule. GMEM: q[b, t, h*G] starts at a multiple of D*2.
+* outputs: O / dQ [64, D] from swizzled 8 KiB slices; lse [64] float32 at 256-byte steps; dK/dV
+  through a [64, 16] float32 tile per warpgroup (4 KiB steps) into 64-byte GMEM column steps.
+`tma_alignment_errors` checks these rules for a shape before any kernel is built.
+
 Interpret mode (CPU, race detection) runs the same kernels; `common.mma` stages register operands
 through SMEM there. Everything index-like is int32 and never forms products such as row * T * D:
 TMA takes per-dimension coordinates, and XLA gathers use (item, row) pairs.
@@ -52,6 +69,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from nsa_jax import layout
 from nsa_jax.config import NSAConfig
 from pallas_kernels.gpu.mosaic import common
 
@@ -59,6 +77,7 @@ ROWS = 64  # query-head rows per compute warpgroup: the wgmma M dimension
 KEYS = 64  # keys per K/V tile
 LOG2E = math.log2(math.e)
 SMEM_BYTES = 227 * 1024  # per block on H100/H200
+TMA_ALIGN = 128  # bytes: a TMA copy's SMEM start must be a multiple (1024 for swizzled tiles)
 # dK/dV partials leave through a narrow float32 SMEM tile: runs end rarely, and the SMEM is
 # better spent on ring stages.
 FLUSH_COLUMNS = 16
@@ -182,8 +201,8 @@ def build_items(indices, doc_start, t0: int, block: int, shape: Shape) -> Items:
         dest, slot].set(x.reshape(-1)[order], mode="drop")
     head = jnp.full((num_items,), _BIG, jnp.int32).at[jnp.where(opens, item, num_items)].set(
         key, mode="drop")  # the item's tile key
-    width = -(-(2 + per_item) // 4) * 4  # 16-byte TMA rows
-    meta = jnp.zeros((num_items, width), jnp.int32).at[:, 2:2 + per_item].set(per_entry(pos))
+    meta = jnp.zeros((num_items, _meta_width(shape)), jnp.int32)
+    meta = meta.at[:, 2:2 + per_item].set(per_entry(pos))
     used = head != _BIG
     meta = meta.at[:, 0].set(jnp.where(used, head // nkt, 0))
     meta = meta.at[:, 1].set(jnp.where(used, head % nkt, 0))
@@ -270,7 +289,21 @@ def _smem_bytes(kind: _Kind, shape: Shape, dtype, stages: int) -> int:
 
 
 def _meta_width(shape: Shape) -> int:
-    return -(-(2 + shape.wgs * shape.per_wg) // 4) * 4
+    """int32 words per `Items.meta` row, a multiple of TMA_ALIGN bytes: row 1 of the producer's
+    two-deep SMEM copy must start on a TMA-aligned address (row 1 at 48 bytes was the
+    misaligned-address crash of the first GPU run)."""
+    words = TMA_ALIGN // 4
+    return -(-(2 + shape.wgs * shape.per_wg) // words) * words
+
+
+def tma_alignment_errors(shape: Shape, dtype) -> list[str]:
+    """The TMA alignment rules of the module docstring that `shape` breaks (empty: none)."""
+    size = jnp.dtype(dtype).itemsize
+    errors = [f"Dk={shape.dk}, Dv={shape.dv}: rows of {d * size} bytes, not a multiple of "
+              f"{TMA_ALIGN}" for d in (shape.dk, shape.dv) if d * size % TMA_ALIGN]
+    if _meta_width(shape) * 4 % TMA_ALIGN:
+        errors.append(f"meta rows of {_meta_width(shape) * 4} bytes")
+    return errors
 
 
 def ring_depth(kind: _Kind, shape: Shape, dtype, stages: int | None) -> int:
@@ -794,6 +827,7 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     shape = Shape(b, t, hkv, hq // hkv, dkp, dvp, pieces,
                   float(dk ** -0.5 if scale is None else scale), tiling.compute_wgs, programs,
                   bool(interpret))
+    assert not tma_alignment_errors(shape, q.dtype), tma_alignment_errors(shape, q.dtype)
     for kind in (FWD, BWD) if tiling.fused_backward else (FWD, DQ, DKV):  # fail early
         ring_depth(kind, shape, q.dtype, tiling.stages)
     pad = lambda x, rows, d: jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0),
@@ -807,6 +841,47 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scal
     passes = tuple(build_items(indices[:, c:c + chunk], doc_start[:, c:c + chunk], c, block,
                                shape) for c in range(0, t, chunk))
     return _attention(shape, tiling, qp, kp, vp, passes)[..., :dv]
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops' entry point (nsa_jax.ops.dispatch, "selected_attention" on Hopper).
+
+def supports(q, k, v, indices, cfg, *args, **kwargs) -> bool:
+    """Whether `selected_attention_op` takes these arguments: q, k, v in one 16-bit dtype,
+    Hq a multiple of Hkv with G = Hq / Hkv <= 64, and the default tiles' rings fitting in SMEM
+    (Dk, Dv up to 256 once padded to multiples of 64)."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq % hkv or hq // hkv > ROWS:
+        return False
+    shape = Shape(q.shape[0], q.shape[1], hkv, hq // hkv, _round_up(q.shape[3], 64),
+                  _round_up(v.shape[3], 64), 2, 1.0, Tiling().compute_wgs, 132, False)
+    try:
+        for kind in (FWD, BWD):
+            ring_depth(kind, shape, q.dtype, None)
+    except ValueError:
+        return False
+    return True
+
+
+def selected_attention_op(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, scale=None,
+                          interpret: bool = False, tiling: Tiling | None = None):
+    """nsa_jax.ops.selected_attention on Hopper (paper eq. 11-12; nsa_spec.md §2.3): q
+    [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] in one 16-bit dtype, indices
+    [B, T, Hkv, n] int32 document-relative block ids, segment_ids [B, T] or None -> o
+    [B, T, Hq, Dv] in q's dtype. Raises ValueError for the inputs `supports` rejects."""
+    if not supports(q, k, v, indices, cfg):
+        raise ValueError(
+            f"the Mosaic selected-attention kernels need q, k, v in one of bfloat16/float16 "
+            f"(got {q.dtype}, {k.dtype}, {v.dtype}), Hq a multiple of Hkv with at most {ROWS} "
+            f"query heads per KV head (got Hq={q.shape[2]}, Hkv={k.shape[2]}) and head dims "
+            f"whose tiles fit in SMEM (got Dk={q.shape[3]}, Dv={v.shape[3]})")
+    doc_start = None
+    if segment_ids is not None:
+        doc_start = layout.document_starts(segment_ids, q.shape[0], q.shape[1])
+    return selected_attention(q, k, v, indices.astype(jnp.int32), cfg, doc_start=doc_start,
+                              scale=scale, interpret=interpret, tiling=tiling)
 
 
 def reference(q, k, v, indices, cfg: NSAConfig, *, doc_start=None, scale=None):
