@@ -9,19 +9,20 @@ Run on an H100/H200 from the repository root (OUT is optional; logs and JSON go 
    `pallas_kernels.gpu.mosaic.selected_attention` against `nsa_jax.ops.selected_attention(...,
    implementation="xla")` (relative L2 error < 2e-2 in bf16) at T=1024 for G=16, 4, 3 and 1, with
    packed documents, -1 slots, repeated and out-of-range ids, and with every --tilings setting.
-2. Timing (median of --iters calls after --warmup; the index build is inside every call) at
-   B=1, D=128, l'=64, n=16, bf16 for G=16 (Hq=64, Hkv=4), G=4 (Hq=64, Hkv=16) and G=1
-   (Hq=Hkv=16), with random causal selections (block 0 and the current block forced, the worst
-   case for sharing) and, for G=16, with selections from a real forward pass
-   (`ops.nsa_attention(..., return_aux=True)` on smooth, self-similar q/k: neighbouring queries
-   overlap). Each row: forward and forward+backward ms, effective TFLOP/s (4*T*Hq*n*l'*D forward,
-   3.5x that for both), the modelled bytes per selected (position, KV head, key) triple, the time
-   per selected (query head, key) pair relative to the G=16 Mosaic forward/both, and the Triton
-   kernel (`pallas_kernels.gpu.selected_attention`) in the same run.
---quick: the checks for every G (16, 4, 3, 1; the crash-prone part, so first), then only the
-paper shape (G=16) at T=65,536 with random selections, the first --tilings setting and Triton.
+2. Timing (experiments.timing.device_ms: median of --iters samples after --warmup calls; the
+   index build is inside every call) at B=1, D=128, l'=64, n=16, bf16 for G=16 (Hq=64, Hkv=4),
+   G=4 (Hq=64, Hkv=16) and G=1 (Hq=Hkv=16), with random causal selections (block 0 and the
+   current block forced, the worst case for sharing) and, for G=16, with selections from a real
+   forward pass (`ops.nsa_attention(..., return_aux=True)` on smooth, self-similar q/k:
+   neighbouring queries overlap). Each row: forward and forward+backward ms, effective TFLOP/s
+   (4*T*Hq*n*l'*D forward, 3.5x that for both), the modelled bytes per selected (position,
+   KV head, key) triple, the time per selected (query head, key) pair relative to the G=16
+   Mosaic forward/both, and the Triton kernel (`pallas_kernels.gpu.triton.selected_attention`)
+   in the same run.
 3. Targets (issue 17, T=65,536, random): paper shape forward <= 8 ms and forward+backward <= 28 ms;
    G=4 per-pair time within 1.5x of G=16; G=1 within 2.5x. Printed as met / missed.
+--quick: the checks for every G (16, 4, 3, 1; the crash-prone part, so first), then only the
+paper shape (G=16) at T=65,536 with random selections, the first --tilings setting and Triton.
 --interpret runs the whole script in Mosaic GPU / Triton interpret mode at tiny sizes on a CPU, to
 check the script itself (its numbers mean nothing).
 """
@@ -33,7 +34,6 @@ import functools
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -43,6 +43,7 @@ import jax.numpy as jnp
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from experiments.timing import device_ms  # noqa: E402
 from nsa_jax import NSAConfig, ops  # noqa: E402
 from nsa_jax.layout import document_starts  # noqa: E402
 from pallas_kernels.gpu.mosaic import common  # noqa: E402
@@ -164,24 +165,13 @@ def parse_tiling(name):
     return mosaic.Tiling(compute_wgs=int(wgs[3:]), fused_backward=not split)
 
 
-def median_ms(f, args, iters, warmup):
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def time_kernel(kernel, q, k, v, idx, iters, warmup):
     do = jnp.ones(q.shape[:3] + (v.shape[3],), q.dtype)
     fwd = jax.jit(lambda q, k, v, idx: kernel(q, k, v, idx, CFG))
     both = jax.jit(lambda q, k, v, idx, do: value_and_grads(
         lambda *x: kernel(*x, idx, CFG), q, k, v, do))
-    return (median_ms(fwd, (q, k, v, idx), iters, warmup),
-            median_ms(both, (q, k, v, idx, do), iters, warmup))
+    return (device_ms(fwd, q, k, v, idx, samples=iters, warmup=warmup),
+            device_ms(both, q, k, v, idx, do, samples=iters, warmup=warmup))
 
 
 def modelled_bytes_per_key(impl, g):

@@ -166,6 +166,18 @@ class TestMosaicSelected(CompiledOrInterpreted):
         with pytest.raises(ValueError, match="compute_wgs"):
             sa.Tiling(compute_wgs=3)
 
+    def test_ops_entry_point_rejects_what_supports_rejects(self):
+        cfg = NSAConfig(select_block=16, num_selected=4)
+        idx = jnp.zeros((1, 32, 1, 4), jnp.int32)
+        kv = jnp.zeros((1, 32, 1, 64), jnp.bfloat16)
+        assert sa.supports(jnp.zeros((1, 32, 64, 64), jnp.bfloat16), kv, kv, idx, cfg)
+        for q, k in [(jnp.zeros((1, 32, 2, 64), jnp.float32), kv.astype(jnp.float32)),
+                     (jnp.zeros((1, 32, 65, 64), jnp.bfloat16), kv),  # G = 65
+                     (jnp.zeros((1, 32, 2, 512), jnp.bfloat16), kv.repeat(8, -1))]:  # SMEM
+            assert not sa.supports(q, k, k, idx, cfg)
+            with pytest.raises(ValueError, match="Mosaic selected-attention kernels need"):
+                sa.selected_attention_op(q, k, k, idx, cfg)
+
 
 class TestMosaicSelectedInterpret(TestMosaicSelected):
     INTERPRET = True
@@ -217,22 +229,24 @@ def _export(f, *args):
         return jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("t,hq,hkv,wgs,packed", [
-    (65536, 64, 4, 2, False),  # paper shape
-    (8192, 64, 4, 1, True),
-    (8192, 64, 16, 2, False),  # G=4
-    (8192, 16, 16, 2, True),  # G=1
+@pytest.mark.parametrize("t,hq,hkv,wgs,packed,fused", [
+    (65536, 64, 4, 2, False, True),  # paper shape
+    (8192, 64, 4, 1, True, False),
+    (8192, 64, 16, 2, False, True),  # G=4
+    (8192, 48, 16, 2, True, True),  # G=3: gathered rows in plain SMEM
+    (8192, 16, 16, 2, True, False),  # G=1
 ])
-def test_lowers_for_hopper_at_benchmark_shapes(t, hq, hkv, wgs, packed):
+def test_lowers_for_hopper_at_benchmark_shapes(t, hq, hkv, wgs, packed, fused):
     """Forward and forward+backward through the real Pallas -> Mosaic GPU lowering for an H100
-    (also checks every ring fits in shared memory): one kernel forward, three with backward."""
+    (also checks every ring fits in shared memory): one kernel forward, then one fused backward
+    kernel or a dQ and a dK/dV kernel."""
     d, n = 128, 16
     cfg = NSAConfig(select_block=64, num_selected=n)
     sds = jax.ShapeDtypeStruct
     args = (sds((1, t, hq, d), jnp.bfloat16), sds((1, t, hkv, d), jnp.bfloat16),
             sds((1, t, hkv, d), jnp.bfloat16), sds((1, t, hkv, n), jnp.int32),
             sds((1, t), jnp.int32))
-    tiling = sa.Tiling(compute_wgs=wgs)
+    tiling = sa.Tiling(compute_wgs=wgs, fused_backward=fused)
 
     def forward(q, k, v, indices, doc_start):
         return sa.selected_attention(q, k, v, indices, cfg, tiling=tiling,
@@ -244,7 +258,7 @@ def test_lowers_for_hopper_at_benchmark_shapes(t, hq, hkv, wgs, packed):
 
     kernels = lambda text: len(re.findall(r"mosaic_gpu_v2\(", text))
     assert kernels(_export(forward, *args)) == 1
-    assert kernels(_export(forward_backward, *args)) == 3
+    assert kernels(_export(forward_backward, *args)) == (2 if fused else 3)
 
 
 class TestTmaAlignment:

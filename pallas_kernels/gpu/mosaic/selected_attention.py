@@ -313,10 +313,11 @@ def ring_depth(kind: _Kind, shape: Shape, dtype, stages: int | None) -> int:
         return fits[-1]
     if stages is not None and _smem_bytes(kind, shape, dtype, stages) <= SMEM_BYTES:
         return stages
+    need = _smem_bytes(kind, shape, dtype, stages or 1)
     raise ValueError(
         f"selected_attention {kind.name}: {stages or 1} stage(s) of Dk={shape.dk}, "
-        f"Dv={shape.dv}, compute_wgs={shape.wgs} need {_smem_bytes(kind, shape, dtype, stages or 1)}"
-        f" bytes of SMEM (limit {SMEM_BYTES}); use fewer stages or tiling.compute_wgs=1")
+        f"Dv={shape.dv}, compute_wgs={shape.wgs} need {need} bytes of SMEM "
+        f"(limit {SMEM_BYTES}); use fewer stages or tiling.compute_wgs=1")
 
 
 class _Bufs(NamedTuple):
