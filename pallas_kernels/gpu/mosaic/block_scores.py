@@ -102,12 +102,13 @@ class ScoreTiling:
     """slots: compressed slots per warpgroup sub-tile (kb, a multiple of 16 and of l'/d);
     q_stages: depth of the shared Q ring; k_stages: depth of each warpgroup's K ring;
     ping_pong: alternate the two warpgroups' wgmmas (FA3's schedule barrier), so one's exp2
-    overlaps the other's matmul."""
+    overlaps the other's matmul. Off by default: on the H200 (2026-11-30) the free-running
+    warpgroups were faster at T=64k (paper shape 6.19 vs 6.85 ms, small-group 4.66 vs 5.45)."""
 
     slots: int = 128
     q_stages: int = 3
     k_stages: int = 2
-    ping_pong: bool = True
+    ping_pong: bool = False
 
     def __post_init__(self):
         if self.slots < 16 or self.slots % 16:
@@ -674,12 +675,13 @@ def query_chunk(batch: int, length: int, num_kv_heads: int, cfg: NSAConfig) -> i
 
 
 def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None, interpret=False,
-           tiling: ScoreTiling | None = None):
+           tiling: ScoreTiling | None = None, top_n_scheme: str = "groups"):
     """nsa_jax.ops.select_blocks(ops.block_scores(...)) on Hopper: [B, T, Hkv, n] int32 block ids
     (ascending, -1 slots last), chosen by nsa_jax.selection_rule from this kernel's scores with the
-    Triton top-n (pallas_kernels.gpu.top_n). q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (16-bit),
-    lse [B, T, Hq] float32 (the compressed branch's), segment_ids [B, T] or None. Queries are
-    scored in chunks of `query_chunk` so the [chunk, NB] scores stay bounded. No gradient."""
+    Triton top-n (pallas_kernels.gpu.top_n, `top_n_scheme`), which reads each query's visible
+    prefix of blocks only. q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (16-bit), lse [B, T, Hq]
+    float32 (the compressed branch's), segment_ids [B, T] or None. Queries are scored in chunks
+    of `query_chunk` so the [chunk, NB] scores stay bounded. No gradient."""
     b, t, hq, _ = q.shape
     hkv = k_cmp.shape[2]
     slot_start = layout.compressed_layout(segment_ids, b, t, cfg).start
@@ -696,9 +698,13 @@ def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None, inter
                               query_start=first, num_queries=chunk, tiling=tiling,
                               interpret=interpret)  # [B, Hkv, chunk, NB]
         pos = jnp.pad(local_pos, ((0, 0), (0, t_pad - t)))[:, first:first + chunk]
-        pos = jnp.broadcast_to(pos[:, None], scores.shape[:3]).reshape(-1)
-        keys, ids = top_n.top_n(scores.reshape(-1, scores.shape[-1]), pos, cfg.num_selected,
-                                rank, interpret=interpret)
+        pos = jnp.broadcast_to(pos[:, None], scores.shape[:3]).reshape(b * hkv, chunk)
+        # Rows before `end` lie at document-relative positions < first + end: blocks past
+        # (first + end - 1) // l' are invisible to them.
+        width_of = lambda end, first=first: (first + end - 1) // cfg.select_block + 1
+        keys, ids = top_n.top_n(scores.reshape(b * hkv, chunk, -1), pos, cfg.num_selected,
+                                lambda s, p, c: rank(s, p, blocks=c), width_of=width_of,
+                                scheme=top_n_scheme, interpret=interpret)
         chosen = selection_rule.chosen_blocks(keys, ids).reshape(b, hkv, chunk, -1)
         out = lax.dynamic_update_slice_in_dim(out, chosen.transpose(0, 2, 1, 3), first, 1)
     return out[:, :t]
