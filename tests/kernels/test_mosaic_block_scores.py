@@ -169,17 +169,28 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
 
     def test_query_chunks(self, key):
         """A traced query_start (one kernel for every chunk) gives the rows of the whole call,
-        with or without the warpgroups' ping-pong."""
+        with free-running or ping-ponging warpgroups."""
         cfg = config(8, 4, 8, 4)
         args, _ = random_problem(key, 1, 200, 2, 1, 64, cfg, (50, 150), jnp.bfloat16)
-        whole = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(32, 2, 1, ping_pong=True))
-        tiling = mosaic.ScoreTiling(32, 2, 2)  # free-running warpgroups (the default)
+        whole = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(32, 2, 1))
+        tiling = mosaic.ScoreTiling(32, 2, 2, schedule="ping_pong")
         fn = jax.jit(lambda first, *a: mosaic.block_scores(
             *a, cfg, query_start=first, num_queries=64, tiling=tiling, interpret=self.INTERPRET))
         with common.abstract_hopper() if self.INTERPRET else contextlib.nullcontext():
             for first in (0, 128):
                 part = np.asarray(fn(jnp.int32(first), *args)).transpose(0, 2, 1, 3)
                 np.testing.assert_array_equal(part, whole[:, first:first + 64])
+
+    @pytest.mark.parametrize("schedule", ["alternate", "pipeline"])
+    def test_schedules(self, schedule, key):
+        """The warpgroup schedules reorder whole matmuls and exp2s, never the float32 adds: the
+        same bits as "free" (G=3, three documents, two sub-tiles, masked and skipped ones)."""
+        b, t, hq, hkv, dk, hyper, slots, docs, dtype = CASES["g3_docs"]
+        cfg = config(*hyper)
+        args, _ = random_problem(key, b, t, hq, hkv, dk, cfg, docs, dtype)
+        free = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(slots, 2, 1))
+        ours = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(slots, 2, 1, schedule=schedule))
+        np.testing.assert_array_equal(ours, free)
 
     def test_near_ties_are_exact(self):
         """Blocks A=3 < B=6 carry the same hot keys; for KV head 0 one of B's keys is nudged so
@@ -335,15 +346,20 @@ class TestTopNKernelInterpret(TestTopNKernel):
 class TestLowering:
     """jax.export for CUDA on a CPU machine: the real Pallas -> Mosaic GPU lowering."""
 
-    @pytest.mark.parametrize("t,hq,hkv", [(8192, 64, 4), (65536, 64, 4), (8192, 32, 8),
-                                          (65536, 32, 8)])
-    def test_lowers_at_benchmark_shapes(self, t, hq, hkv):
+    @pytest.mark.parametrize("t,hq,hkv,schedule,slots", [
+        (8192, 64, 4, "free", 128), (65536, 64, 4, "free", 128), (8192, 32, 8, "free", 128),
+        (65536, 32, 8, "free", 128), (65536, 64, 4, "ping_pong", 128),
+        (65536, 64, 4, "alternate", 128), (65536, 64, 4, "pipeline", 128),
+        (65536, 32, 8, "pipeline", 64)])
+    def test_lowers_at_benchmark_shapes(self, t, hq, hkv, schedule, slots):
         cfg, d = NSAConfig(), 128
         tc = cfg.num_compressed(t)
         spec = jax.ShapeDtypeStruct
         args = (spec((1, t, hq, d), jnp.bfloat16), spec((1, tc, hkv, d), jnp.bfloat16),
                 spec((1, t, hq), jnp.float32), spec((1, tc), jnp.int32), spec((1, t), jnp.int32))
-        fn = jax.jit(lambda *a: mosaic.block_scores(*a, cfg, query_start=0, num_queries=8192))
+        tiling = mosaic.ScoreTiling.for_shape(cfg, d, hq // hkv, jnp.bfloat16, slots, schedule)
+        fn = jax.jit(lambda *a: mosaic.block_scores(*a, cfg, query_start=0, num_queries=8192,
+                                                    tiling=tiling))
         with common.abstract_hopper():
             exported = export.export(fn, platforms=["cuda"])(*args)
         assert exported.out_avals[0].shape == (1, hkv, 8192, cfg.num_blocks(t))

@@ -92,6 +92,7 @@ WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HIGH_HALF = np.int32(-65536)  # 0xFFFF0000: sign, exponent and the 7 mantissa bits bf16 keeps
+SCHEDULES = ("free", "ping_pong", "alternate", "pipeline")  # ScoreTiling.schedule
 
 
 # ----------------------------------------------------------------------------- tile options
@@ -101,14 +102,22 @@ _HIGH_HALF = np.int32(-65536)  # 0xFFFF0000: sign, exponent and the 7 mantissa b
 class ScoreTiling:
     """slots: compressed slots per warpgroup sub-tile (kb, a multiple of 16 and of l'/d);
     q_stages: depth of the shared Q ring; k_stages: depth of each warpgroup's K ring;
-    ping_pong: alternate the two warpgroups' wgmmas (FA3's schedule barrier), so one's exp2
-    overlaps the other's matmul. Off by default: on the H200 (2026-11-30) the free-running
-    warpgroups were faster at T=64k (paper shape 6.19 vs 6.85 ms, small-group 4.66 vs 5.45)."""
+    schedule: how the two compute warpgroups' matmuls and exp2s interleave (SCHEDULES):
+    - "free" (default): no coordination; each warpgroup waits for its matmul, then runs exp2.
+      Fastest on the H200 (2026-11-30) at T=64k: paper shape 6.19 ms, small-group 4.66 ms.
+    - "ping_pong": one rendezvous per head step, right after issuing the matmul (6.85 and
+      5.45 ms at 64k): both warpgroups then wait for their matmuls and run exp2 in the same
+      phase, so it mostly serialises them.
+    - "alternate": FA3's ping-pong, two rendezvous per head step (after the matmul completes
+      and after the exp2s), warpgroup 1 one phase behind: one warpgroup's matmul runs while
+      the other's exp2 does, so the tensor cores and the SFU overlap.
+    - "pipeline": each warpgroup issues head h+1's matmul before the exp2 of head h (two S
+      tiles live: ~3 * width / 2 registers of float32 per thread, 216 at 144 columns)."""
 
     slots: int = 128
     q_stages: int = 3
     k_stages: int = 2
-    ping_pong: bool = False
+    schedule: str = "free"
 
     def __post_init__(self):
         if self.slots < 16 or self.slots % 16:
@@ -117,6 +126,9 @@ class ScoreTiling:
         if self.q_stages < 2 or self.k_stages < 1:
             raise ValueError(f"ScoreTiling needs q_stages >= 2 and k_stages >= 1, got "
                              f"{self.q_stages}, {self.k_stages}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"ScoreTiling.schedule must be one of {SCHEDULES}, got "
+                             f"{self.schedule!r}")
 
     def smem_bytes(self, cfg: NSAConfig, dk: int, group: int, dtype) -> int:
         """Shared memory of one program, in bytes."""
@@ -128,15 +140,16 @@ class ScoreTiling:
                 + COMPUTE_WGS * BLOCK_ROWS * geo.blocks * 4)
 
     @classmethod
-    def for_shape(cls, cfg: NSAConfig, dk: int, group: int, dtype, slots: int = 128):
+    def for_shape(cls, cfg: NSAConfig, dk: int, group: int, dtype, slots: int = 128,
+                  schedule: str = "free"):
         """The deepest rings (Q first, then K) of `slots`-slot sub-tiles that fit in SMEM, else
         of half as many slots (e.g. Dk = 256)."""
         options = [(s, q, k) for s in (slots, slots // 2) for q, k in ((3, 2), (2, 2), (2, 1))]
         for option in options:
-            tiling = cls(*option)
+            tiling = cls(*option, schedule=schedule)
             if tiling.smem_bytes(cfg, dk, group, dtype) <= SMEM_BYTES:
                 return tiling
-        return cls(slots, 2, 1)  # check() names the shortfall
+        return cls(slots, 2, 1, schedule=schedule)  # check() names the shortfall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,10 +254,13 @@ def row_tables(slot_start_BTc, doc_start_BT, row_BTc, cfg: NSAConfig, geo: Geome
     document -1 and see nothing. Position t sees its document's slots 0 .. visible-1,
     visible = max(0, (t - doc - l + 1) // d + 1) (paper eq. 7, document-relative)."""
     b, length = doc_start_BT.shape
-    big = jnp.iinfo(jnp.int32).max
-    starts = jnp.where(slot_start_BTc >= 0, slot_start_BTc, big).astype(jnp.int32)
     doc = doc_start_BT.astype(jnp.int32)
-    first = jax.vmap(jnp.searchsorted)(starts, doc)  # the document's first slot
+    # The document's first slot = the number of slots starting before it (slots are in order):
+    # a histogram of slot starts and its exclusive prefix sum (no binary search, which XLA runs
+    # as a loop of small kernels).
+    at = jnp.where(slot_start_BTc >= 0, slot_start_BTc, length).astype(jnp.int32)
+    starting = jnp.zeros((b, length + 1), jnp.int32).at[jnp.arange(b)[:, None], at].add(1)
+    first = jnp.take_along_axis(jnp.cumsum(starting, axis=1) - starting, doc, axis=1)
     ends = jnp.concatenate([row_BTc, jnp.full((b, 1), -1, jnp.int32)], axis=1)
     # The row after the last valid slot, rounded up: where a document with no slots would start.
     tail = -(-(jnp.max(ends, axis=1, keepdims=True) + 1 - geo.extra) // 8) * 8 + geo.extra
@@ -441,33 +457,67 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
     first_col = geo.extra - geo.spill
     plgpu.barrier_wait(w_bar)
     plgpu.barrier_wait(lse_bar)
-    sync = (lambda: _sync(schedule)) if st.tiling.ping_pong else (lambda: None)
-    pl.when(wg == 1)(sync)  # ping-pong: warpgroup 1 starts one wgmma behind
+    plan = st.tiling.schedule
+    sync = (lambda: _sync(schedule)) if plan in ("ping_pong", "alternate") else (lambda: None)
+    pl.when(wg == 1)(sync)  # warpgroup 1 starts one phase behind
 
-    def head_step(idx, kslot, in_doc, sub, mode, head, psum):
-        """One head's Q tile against the sub-tile: mode "whole" (no mask), "masked", or "skip"
-        (warpgroup 1's sub-tile past the last needed one: only the barriers, in step)."""
-        qi = idx * g + head
-        qslot = lax.rem(qi, qst)
-        plgpu.barrier_wait(q_full.at[qslot])
-        if mode == "skip":
-            sync()
-            plgpu.barrier_arrive(q_free.at[qslot])
-            return psum
-
-        def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_ring.at[qslot], k_ring.at[kslot].transpose((1, 0)))
-            sync()
-            return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((BLOCK_ROWS, geo.width), jnp.float32))
-        plgpu.barrier_arrive(q_free.at[qslot])
+    def add_exp(psum, s, head, in_doc, sub, mode):
+        """psum + p of head `head`'s logits s (masked where some row may not see a column)."""
         lse = jnp.where(in_doc, plgpu.load(lse_smem.at[head], layout=ROW, optimized=False),
                         jnp.inf)
         e = jnp.exp2(s * st.logit_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
         if mode == "masked":
             e = _column_mask(st, e, first_col, visible_row, sub)
         return psum + e
+
+    def q_slot(idx, head):
+        """The Q ring slot of head `head` in step idx, once its tile has landed."""
+        qslot = lax.rem(idx * g + head, qst)
+        plgpu.barrier_wait(q_full.at[qslot])
+        return qslot
+
+    def logits(qslot, kslot, during=None):
+        """S = Q_g K_tileᵀ [64, width] float32 (and during()'s value, computed while the wgmma
+        runs); the Q slot is released once the wgmma completed."""
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_ring.at[qslot], k_ring.at[kslot].transpose((1, 0)))
+            if plan == "ping_pong":
+                sync()
+            other = None if during is None else during()
+            return other, acc_ref[...]
+
+        other, s = pl.run_scoped(qk, plgpu.ACC((BLOCK_ROWS, geo.width), jnp.float32))
+        plgpu.barrier_arrive(q_free.at[qslot])
+        return s if during is None else (other, s)
+
+    def head_step(idx, kslot, in_doc, sub, mode, head, psum):
+        """One head's Q tile against the sub-tile: mode "whole" (no mask), "masked", or "skip"
+        (warpgroup 1's sub-tile past the last needed one: only the barriers, in step)."""
+        qslot = q_slot(idx, head)
+        if mode == "skip":
+            for _ in range(2 if plan == "alternate" else 1):
+                sync()
+            plgpu.barrier_arrive(q_free.at[qslot])
+            return psum
+        s = logits(qslot, kslot)
+        if plan == "alternate":
+            sync()  # this warpgroup's matmul is done: the other's turn on the tensor cores
+        psum = add_exp(psum, s, head, in_doc, sub, mode)
+        if plan == "alternate":
+            sync()
+        return psum
+
+    def pipelined_heads(idx, kslot, in_doc, sub, mode, psum):
+        """The G heads with head h+1's wgmma in flight during head h's exp2."""
+        s = logits(q_slot(idx, 0), kslot)
+
+        def step(head, carry):
+            psum, s_prev = carry
+            during = lambda: add_exp(psum, s_prev, head - 1, in_doc, sub, mode)
+            return logits(q_slot(idx, head), kslot, during)
+
+        psum, s = lax.fori_loop(1, g, step, (psum, s))
+        return add_exp(psum, s, g - 1, in_doc, sub, mode)
 
     def document(pair, u, psum):
         sub = 2 * pair + wg
@@ -481,6 +531,8 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
         plgpu.barrier_wait(k_full.at[kslot])
 
         def heads(mode):
+            if plan == "pipeline" and mode != "skip":
+                return lambda: pipelined_heads(idx, kslot, in_doc, sub, mode, psum)
             step = functools.partial(head_step, idx, kslot, in_doc, sub, mode)
             return lambda: lax.fori_loop(0, g, step, psum)
 
