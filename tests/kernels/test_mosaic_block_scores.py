@@ -181,6 +181,24 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
                 part = np.asarray(fn(jnp.int32(first), *args)).transpose(0, 2, 1, 3)
                 np.testing.assert_array_equal(part, whole[:, first:first + 64])
 
+    def test_select_chunk(self, key):
+        """select in 128-query chunks (the second overlapping the first) picks what one
+        whole-sequence chunk picks, a valid top-n of the float64 scores; a chunk off the 64-row
+        grid is rejected."""
+        cfg = config(8, 4, 8, 4)
+        args, seg = random_problem(key, 1, 160, 2, 1, 64, cfg, (60, 100), jnp.bfloat16)
+        tiling = mosaic.ScoreTiling(32, 2, 1)
+        run = lambda chunk: np.asarray(mosaic.select(
+            *args[:3], cfg, segment_ids=seg, tiling=tiling, chunk=chunk,
+            interpret=self.INTERPRET))
+        with common.abstract_hopper() if self.INTERPRET else contextlib.nullcontext():
+            chunked, whole = run(128), run(192)
+            with pytest.raises(ValueError, match="chunk"):
+                run(100)
+        np.testing.assert_array_equal(chunked, whole)
+        assert_valid_top_n(chunked, oracle_scores(*args[:3], cfg, seg),
+                           local_positions(seg, 1, 160), cfg)
+
     @pytest.mark.parametrize("schedule", ["alternate", "pipeline"])
     def test_schedules(self, schedule, key):
         """The warpgroup schedules reorder whole matmuls and exp2s, never the float32 adds: the

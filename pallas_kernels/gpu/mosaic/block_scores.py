@@ -44,9 +44,21 @@ definition to ~1e-7 relative (tests: 1e-5 vs the float32 oracle, exact top-n at 
 Cost on paper, paper shape (B=1, T=64k, Hq=64, Hkv=4, Dk=128, l=32, d=16, l'=64): visible
 (position, head, slot) pairs ~ Hq*T^2/(2d) = 8.6e9, so the recomputed Q·K_cmpᵀ is
 2*pairs*Dk = 2.2e12 FLOP: 367 TFLOP/s for the 6 ms target if nothing else took
-time, ~440 TFLOP/s with ~1 ms left for the top-n. The 8.6e9 exp2 run on the SFU
-(16/clk/SM, ~4.2e12/s on an H200: 2.1 ms), overlapped with wgmma by the two warpgroups'
-ping-pong (FA3's schedule barrier); per S element the fast path adds one FMA and one add.
+time, ~440 TFLOP/s with ~1 ms left for the top-n. Per S element an SM spends 2*Dk = 256 FLOP
+on wgmma (~4096 dense bf16 FLOP/clk: 16 elements/clk) and one ex2 on the SFU (16/clk): the
+tensor cores and the SFU carry equal loads (FA3's forward has 512 FLOP per exp2). With the
+work inflation below (~9.9e9 elements) that is ~2.7 ms on each unit at a sustained 1.75 GHz,
+plus ~0.7 ms of FMA/add issue (one FMA and one add per element on the fast path).
+Measured on the H200 (2026-11-30, 64k, paper): 6.19 ms with free-running warpgroups, i.e.
+matmul and exp2 ran one after the other (2.7 + 2.7 + 0.7): each warpgroup waits for its
+matmul before its exp2, and two free-running warpgroups fall into step. The first ping-pong
+(one rendezvous per head step, after issuing the matmul) keeps them in step on purpose:
+6.85 ms. Overlap needs `ScoreTiling.schedule` "alternate" (FA3's two-phase ping-pong: one
+warpgroup's matmul while the other's exp2; per head step max(MMA, SFU) instead of their sum)
+or "pipeline" (each warpgroup issues head h+1's matmul before head h's exp2; 1 in G exp2s not
+overlapped, 216 registers per thread at kb=128, or kb=64 with 25% spill work and 120
+registers). Either predicts ~3.5-4 ms at 64k (paper) if the units overlap fully, ~5 ms if
+half; experiments/bench_select.py times all four schedules.
 Work inflation: X/kb = 12.5% recomputed spill slots (kb=128) and ~kb/2 slots per row at the
 causal edge (~3% of an average row's visible slots at 64k, ~25% at 8k).
 Alternatives, per the same count:
@@ -62,7 +74,8 @@ Alternatives, per the same count:
 - Output: [B, Hkv, T, NB] float32 is 1 GiB at 64k (68 GiB at 512k): callers bound memory by
   scoring query chunks (`query_start`, `num_queries`) and selecting per chunk.
 
-Registers per compute thread: psum (kb+X)/2 = 72 and S 72 float32 at kb=128, within FA3's 232.
+Registers per compute thread: psum (kb+X)/2 = 72 and S 72 float32 at kb=128, within FA3's 232
+(schedule "pipeline": a second S, 216).
 SMEM (Dk=128, G=16): Q ring 3 x 16 KiB, K rings 2 x 2 x 36 KiB, W 9 KiB, lse 4 KiB, output
 staging 16 KiB = 221 KiB of 227 (`ScoreTiling.smem_bytes`, `ScoreTiling.for_shape`).
 """
@@ -727,20 +740,24 @@ def query_chunk(batch: int, length: int, num_kv_heads: int, cfg: NSAConfig) -> i
 
 
 def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None, interpret=False,
-           tiling: ScoreTiling | None = None, top_n_scheme: str = "groups"):
+           tiling: ScoreTiling | None = None, top_n_scheme: str = "groups",
+           chunk: int | None = None):
     """nsa_jax.ops.select_blocks(ops.block_scores(...)) on Hopper: [B, T, Hkv, n] int32 block ids
     (ascending, -1 slots last), chosen by nsa_jax.selection_rule from this kernel's scores with the
     Triton top-n (pallas_kernels.gpu.top_n, `top_n_scheme`), which reads each query's visible
     prefix of blocks only. q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (16-bit), lse [B, T, Hq]
     float32 (the compressed branch's), segment_ids [B, T] or None. Queries are scored in chunks
-    of `query_chunk` so the [chunk, NB] scores stay bounded. No gradient."""
+    of `chunk` (a multiple of 64; default `query_chunk`, which keeps the [chunk, NB] scores
+    under SCORE_BYTES); ValueError otherwise. No gradient."""
     b, t, hq, _ = q.shape
     hkv = k_cmp.shape[2]
     slot_start = layout.compressed_layout(segment_ids, b, t, cfg).start
     doc_start = layout.document_starts(segment_ids, b, t)
     local_pos = layout.positions(b, t) - doc_start
-    chunk = query_chunk(b, t, hkv, cfg)
     t_pad = -(-t // BLOCK_ROWS) * BLOCK_ROWS
+    if chunk is not None and (chunk < BLOCK_ROWS or chunk % BLOCK_ROWS):
+        raise ValueError(f"chunk must be a positive multiple of {BLOCK_ROWS}, got {chunk}")
+    chunk = query_chunk(b, t, hkv, cfg) if chunk is None else min(chunk, t_pad)
     # The last chunk ends at t_pad (it may overlap the one before: those rows come out equal).
     starts = [min(c, t_pad - chunk) for c in range(0, t, chunk)]
     rank = functools.partial(selection_rule.rank_keys, cfg=cfg)
