@@ -842,8 +842,12 @@ def supports(q, k, v, *args, **kwargs) -> bool:
             and q.shape[-1] in (64, 128) and v.shape[-1] in (64, 128))
 
 
-def _branch(q, k, v, kstart, kend, scale, tiling, interpret):
-    """Range attention of q [B, T, Hq, Dk] in the ops layout: (o [B, T, Hq, Dv], lse [B, T, Hq])."""
+def range_attention_bthd(q, k, v, kstart, kend, *, scale=None,
+                         tiling: RangeTiling | None = None, interpret: bool = False):
+    """`range_attention` in the ops layout: q [B, T, Hq, Dk] -> (o [B, T, Hq, Dv] in q's dtype,
+    lse [B, T, Hq] float32), position t seeing keys [kstart[:, t], kend[:, t]) ([B, T] int);
+    scale None means 1 / sqrt(Dk). Grouped rows around the kernels (`to_rows`, `from_rows`).
+    Raises ValueError as `range_attention` does."""
     t, hq = q.shape[1:3]
     hkv = k.shape[2]
     o_rows, lse_rows = range_attention(to_rows(q, hkv), k, v, kstart, kend, group=hq // hkv,
@@ -862,7 +866,8 @@ def compressed_attention(q, k_cmp, v_cmp, cfg: NSAConfig, *, segment_ids=None, s
     slots = layout.compressed_layout(segment_ids, b, t, cfg).start
     kstart, kend = compressed_ranges(slots, layout.document_starts(segment_ids, b, t),
                                      cfg.compress_block)
-    return _branch(q, k_cmp, v_cmp, kstart, kend, scale, tiling, interpret)
+    return range_attention_bthd(q, k_cmp, v_cmp, kstart, kend, scale=scale, tiling=tiling,
+                                interpret=interpret)
 
 
 def window_attention(q, k, v, cfg: NSAConfig, *, segment_ids=None, scale=None, interpret=False,
@@ -873,4 +878,5 @@ def window_attention(q, k, v, cfg: NSAConfig, *, segment_ids=None, scale=None, i
     for inputs `supports` rejects."""
     b, t = q.shape[:2]
     kstart, kend = window_ranges(layout.document_starts(segment_ids, b, t), cfg.window)
-    return _branch(q, k, v, kstart, kend, scale, tiling, interpret)[0]
+    return range_attention_bthd(q, k, v, kstart, kend, scale=scale, tiling=tiling,
+                                interpret=interpret)[0]
