@@ -99,10 +99,3 @@ def compressed_visible(start, query_pos, query_doc_start, cfg: NSAConfig):
     return ((start >= query_doc_start[:, :, None])
             & (start + cfg.compress_block - 1 <= query_pos[:, :, None]))
 
-
-def sorted_block_ids(ids):
-    """Selection block ids (-1 = none) in ascending order along the last axis, the -1 slots last:
-    the order every implementation of select_blocks returns."""
-    big = jnp.iinfo(jnp.int32).max
-    ids = jnp.sort(jnp.where(ids < 0, big, ids.astype(jnp.int32)), axis=-1)
-    return jnp.where(ids == big, -1, ids)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nsa_jax import selection_rule
 from nsa_jax.branches import combine_branches
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import dispatch, validation
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
-from nsa_jax.ops.selection import overlap_to_blocks, top_n
+from nsa_jax.ops.selection import overlap_to_blocks
 
 
 def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig, *, k_win=None,
@@ -115,14 +116,15 @@ def selected_slots(indices, position, cfg: NSAConfig):
 
 def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int):
     """Top-n selection blocks [B, Hkv, n] from the compressed logits [B, Hkv, G, C] (any value
-    where invisible) and their log-sum-exp [B, Hkv, G], exactly as ops.select_blocks scores them:
-    probabilities summed over the group, spread over the blocks by overlap, forced blocks."""
+    where invisible) and their log-sum-exp [B, Hkv, G], exactly as ops.select_blocks scores and
+    selects them: probabilities summed over the group, spread over the blocks by overlap, then
+    nsa_jax.selection_rule."""
     c = logits.shape[-1]
     visible = (jnp.arange(c) < cfg.num_visible_compressed(position)[:, None])[:, None, None]
     visible &= jnp.isfinite(lse)[..., None]
     probs = jnp.exp(jnp.where(visible, logits - jnp.where(visible, lse[..., None], 0.0), -jnp.inf))
     scores = overlap_to_blocks(jnp.sum(probs, axis=2)[:, :, None], None, cfg, num_blocks)
-    return top_n(jnp.moveaxis(scores, 1, 2).astype(jnp.float32), position[:, None], cfg)[:, 0]
+    return selection_rule.select_top_n(scores[:, :, 0], position[:, None], cfg)
 
 
 def group_queries(q, kv_heads: int):

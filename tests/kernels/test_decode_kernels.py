@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nsa_jax import NSAConfig, ops
-from nsa_jax.layout import sorted_block_ids
+from nsa_jax.selection_rule import sorted_block_ids
 from nsa_jax.ops import dispatch
 from nsa_jax.ops.decode_attention import select_decode_blocks
 from pallas_kernels.gpu.triton import decode_attention

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from nsa_jax import layout
+from nsa_jax import selection_rule
 from nsa_jax.branches import combine_branches
 from nsa_jax.config import NSAConfig
 from pallas_kernels import MASKED
@@ -229,7 +229,9 @@ def _top_n_kernel(pos_ref, logits_ref, lse_ref, out_ref, *, plan: select_blocks.
     visible = cfg.num_visible_compressed(t)
     lse = lse_ref[...][:, None]
     row = jax.lax.broadcasted_iota(jnp.int32, (plan.gp, 1), 0)
-    usable = (row < groups) & (lse > -jnp.inf)  # padded heads and empty rows add nothing
+    # Padded heads, rows that see nothing and rows with a non-finite LSE (inf or NaN in the
+    # cache) add nothing, as in ops.decode_attention.
+    usable = (row < groups) & jnp.isfinite(lse)
     lse = jnp.where(usable, lse, 0.0)
     current = t // plan.select_block
     weights = select_blocks.overlap_weights(plan)
@@ -237,19 +239,19 @@ def _top_n_kernel(pos_ref, logits_ref, lse_ref, out_ref, *, plan: select_blocks.
     col = jax.lax.broadcasted_iota(jnp.int32, (1, plan.blocks), 1)
 
     def tile(i, carry):
-        vals, ids, carried = carry
+        keys, ids, carried = carry
         first = pl.multiple_of(i * plan.slots, plan.slots)
         mask = usable & (first + slot < visible)
         logits = logits_ref[:, pl.ds(first, plan.slots)]
         p = jnp.where(mask, jnp.exp(jnp.where(mask, logits, 0.0) - lse), 0.0)
         blocks, carried = select_blocks.tile_block_scores(p, weights, carried, plan)
         block_id = i * plan.blocks + col
-        cand = select_blocks.candidates(blocks, block_id, current, plan)
-        return (*select_blocks.merge_top_n(vals, ids, cand, block_id), carried)
+        cand = select_blocks.tile_rank_keys(blocks, block_id, current, plan)
+        return (*select_blocks.merge_top_n(keys, ids, cand, block_id), carried)
 
     init = (*select_blocks.empty_top_n(plan), select_blocks.no_spill(plan))
-    vals, ids, _ = jax.lax.fori_loop(0, current // plan.blocks + 1, tile, init)
-    out_ref[...] = select_blocks.chosen_ids(vals, ids)[0]
+    keys, ids, _ = jax.lax.fori_loop(0, current // plan.blocks + 1, tile, init)
+    out_ref[...] = select_blocks.chosen_ids(keys, ids)[0]
 
 
 def select_top_n(logits, lse, position, cfg: NSAConfig, *, groups: int, slots: int,
@@ -316,7 +318,7 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     if top_n is None:
         chosen = select_top_n(logits, lse, position, cfg, groups=g, slots=tile,
                               num_warps=tiling.top_n_warps, interpret=interpret)
-        indices = layout.sorted_block_ids(chosen)
+        indices = selection_rule.sorted_block_ids(chosen)
     else:
         chosen = indices = top_n(logits[:, :, :g], lse[:, :, :g], position)
     o_cmp, lse = o_cmp[:, :, :g], lse[:, :, :g]
