@@ -61,10 +61,11 @@ def compressed_attention(q, k_cmp, v_cmp, cfg: NSAConfig, *, segment_ids=None, s
     §2.1). Rows that see nothing (the first l - 1 tokens of every document) give o = 0 and
     lse = -inf, with zero gradients. scale defaults to 1/sqrt(Dk).
 
-    implementation: "reference", "xla", "pallas" (the Triton kernels on CPU in interpret mode, GPU
-    and Hopper, the Mosaic TPU kernels on TPU; xla for dtypes those kernels do not take: float64
-    anywhere, float16 on TPU) or None (pallas on GPU/TPU, xla on CPU); ops.dispatch.TABLE. Raises
-    ValueError for bad arguments.
+    implementation: "reference", "xla", "pallas" (on Hopper the Mosaic GPU range-attention kernels
+    for 16-bit inputs with Dk, Dv in {64, 128}, else the Triton kernels; the Triton kernels on other
+    GPUs and on CPU in interpret mode; the Mosaic TPU kernels on TPU; xla for dtypes those kernels
+    do not take: float64 anywhere, float16 on TPU) or None (pallas on GPU/TPU, xla on CPU);
+    ops.dispatch.TABLE. Raises ValueError for bad arguments.
     """
     check_compressed_args(q, k_cmp, v_cmp, cfg, segment_ids)
     return dispatch.run("compressed_attention", implementation, q, k_cmp, v_cmp, cfg,

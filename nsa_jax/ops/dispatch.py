@@ -12,7 +12,7 @@ implementation: "reference" (the dense oracle), "xla" (chunked gathers, runs any
 An implementation an op has no entry for raises ValueError naming those it has.
 
 backend (`backend()`): "cpu", "gpu" (CUDA before Hopper: Pallas-Triton kernels), "hopper" (CUDA
-compute capability 9.x: the Mosaic GPU kernels' place; for now the Triton ones), "tpu"; "*" in a
+compute capability 9.x: Mosaic GPU kernels first, the Triton ones behind them), "tpu"; "*" in a
 cell means every backend. On "cpu", "pallas" runs the Triton kernels in interpret mode (slow, for
 tests).
 
@@ -71,6 +71,22 @@ def cudnn_window_fits(q, k, v, cfg, *, segment_ids=None, scale=None) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
+def mosaic_range_fits(*args, **kwargs) -> bool:
+    """The Mosaic range-attention kernels (compressed and window branches): q, k, v in one 16-bit
+    dtype, Dk and Dv in {64, 128} (pallas_kernels.gpu.mosaic.range_attention.supports)."""
+    from pallas_kernels.gpu.mosaic import range_attention
+
+    return range_attention.supports(*args, **kwargs)
+
+
+def mosaic_scores_fits(*args, **kwargs) -> bool:
+    """The Mosaic block-score kernel: 16-bit q and k_cmp, Dk a multiple of 64
+    (pallas_kernels.gpu.mosaic.block_scores.supports)."""
+    from pallas_kernels.gpu.mosaic import block_scores
+
+    return block_scores.supports(*args, **kwargs)
+
+
 def triton_decode_fits(*args, **kwargs) -> bool:
     """bf16, f16 or f32 caches with power-of-two head dims, select_block >= 16 and caches of
     whole selection blocks (pallas_kernels.gpu.triton.decode_attention.supports)."""
@@ -87,6 +103,7 @@ SEL = "nsa_jax.ops.selection:"
 WIN = "nsa_jax.ops.window:"
 DEC = "nsa_jax.ops.decode_attention:"
 TRITON = "pallas_kernels.gpu.triton."
+MOSAIC = "pallas_kernels.gpu.mosaic."
 TPU = "pallas_kernels.tpu."
 
 FASTEST = {"cpu": "xla", "gpu": "pallas", "hopper": "pallas", "tpu": "pallas"}
@@ -107,7 +124,8 @@ TABLE = {
                     (always, CMP + "compressed_attention_xla")],
             "gpu": [(triton_dtype, TRITON + "compressed_attention:compressed_attention"),
                     (always, CMP + "compressed_attention_xla")],
-            "hopper": [(triton_dtype, TRITON + "compressed_attention:compressed_attention"),
+            "hopper": [(mosaic_range_fits, MOSAIC + "range_attention:compressed_attention"),
+                       (triton_dtype, TRITON + "compressed_attention:compressed_attention"),
                        (always, CMP + "compressed_attention_xla")],
             "tpu": [(tpu_dtype, TPU + "compressed:compressed_attention"),
                     (always, CMP + "compressed_attention_xla")],
@@ -134,7 +152,8 @@ TABLE = {
                     (always, SEL + "select_xla")],
             "gpu": [(triton_dtype, TRITON + "select_blocks:select_blocks"),
                     (always, SEL + "select_xla")],
-            "hopper": [(triton_dtype, TRITON + "select_blocks:select_blocks"),
+            "hopper": [(mosaic_scores_fits, MOSAIC + "block_scores:select"),
+                       (triton_dtype, TRITON + "select_blocks:select_blocks"),
                        (always, SEL + "select_xla")],
             "tpu": SEL + "select_xla",
         },
@@ -163,6 +182,7 @@ TABLE = {
             "gpu": [(cudnn_window_fits, WIN + "window_attention_cudnn"),
                     (always, WIN + "window_attention_xla")],
             "hopper": [(cudnn_window_fits, WIN + "window_attention_cudnn"),
+                       (mosaic_range_fits, MOSAIC + "range_attention:window_attention"),
                        (always, WIN + "window_attention_xla")],
             "tpu": WIN + "window_attention_xla",
         },

@@ -135,8 +135,10 @@ def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale, implementa
     calls it): [B, T, Hkv, n] int32, no gradient.
 
     implementation: "reference", "xla" (per query chunk, so [T, NB] scores never exist at once),
-    "pallas" (the fused Triton kernel on CPU in interpret mode, GPU and Hopper, xla for float64 and
-    on TPU) or None (pallas on GPU, xla on CPU and TPU); ops.dispatch.TABLE.
+    "pallas" (on Hopper the Mosaic GPU block-score kernel for 16-bit inputs with Dk a multiple of
+    64, scoring queries in chunks that bound the scores' memory, then the Triton top-n; else the
+    fused Triton kernel on GPU, Hopper and CPU in interpret mode; xla for float64 and on TPU) or
+    None (pallas on GPU, xla on CPU and TPU); ops.dispatch.TABLE.
     """
     return dispatch.run("select", implementation, q, k_cmp, lse, cfg, segment_ids=segment_ids,
                         scale=scale)

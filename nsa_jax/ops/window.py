@@ -20,9 +20,10 @@ def window_attention(q, k, v, cfg: NSAConfig, *, segment_ids=None, scale=None,
     defaults to 1/sqrt(Dk).
 
     implementation: "reference", "xla", "pallas" (cuDNN's sliding window on GPU and Hopper for
-    unpacked 16-bit inputs with Dk == Dv a multiple of 8 up to 256, xla otherwise and on CPU and
-    TPU) or None (pallas on GPU/TPU, xla on CPU); ops.dispatch.TABLE. Raises ValueError for bad
-    arguments.
+    unpacked 16-bit inputs with Dk == Dv a multiple of 8 up to 256; on Hopper otherwise the Mosaic
+    GPU range-attention kernels for 16-bit inputs with Dk, Dv in {64, 128} (packed documents
+    included); xla for everything else and on CPU and TPU) or None (pallas on GPU/TPU, xla on
+    CPU); ops.dispatch.TABLE. Raises ValueError for bad arguments.
     """
     validation.check_config(cfg)
     dims = validation.check_qkv(q, k, v)

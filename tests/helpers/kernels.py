@@ -24,11 +24,13 @@ def export_for_cuda(fn, *shapes):
 
 class CompiledOrInterpreted:
     INTERPRET = False
+    BACKENDS = ("gpu", "hopper")  # where the compiled class runs; Mosaic GPU kernels: hopper only
 
     @pytest.fixture(autouse=True)
     def _needs_backend(self):
-        if not self.INTERPRET and ops.backend() not in ("gpu", "hopper"):
-            pytest.skip("compiled Triton kernels need a GPU; the interpret subclass runs on CPU")
+        if not self.INTERPRET and ops.backend() not in self.BACKENDS:
+            pytest.skip(f"the compiled kernels need a {' or '.join(self.BACKENDS)} backend; the "
+                        "interpret subclass runs on CPU")
 
     def _tolerance(self, dtype):
         if dtype == jnp.bfloat16:

@@ -63,16 +63,27 @@ def matmul(a, b, shape):
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def mma(acc, a, b, *, interpret: bool, staging=None):
+def mma(acc, a, b, *, interpret: bool, staging=None, during=None):
     """acc + a @ b with acc a float32 value [M, N], b an SMEM ref [K, N] and a either an SMEM ref
     or a 16-bit value [M, K]. Interpreted, a value `a` is first written to `staging` (an SMEM ref
-    of its shape and dtype, e.g. `tiled_smem`), which only interpret mode needs."""
+    of its shape and dtype, e.g. `tiled_smem`), which only interpret mode needs. `during`, a
+    function of no arguments (e.g. a barrier wait for the next tile), runs while the compiled
+    wgmma is in flight, and after the product when interpreted."""
     if not interpret:
-        return pl.run_state(lambda ref: plgpu.wgmma(ref, a, b))(plgpu.ACC.init(acc))
+        def issue(ref):
+            plgpu.wgmma(ref, a, b)
+            if during is not None:
+                during()
+
+        return pl.run_state(issue)(plgpu.ACC.init(acc))
     if not isinstance(a, jax.Array | jax.core.Tracer):
-        return acc + matmul(a, b, acc.shape)
-    if staging is None:
+        out = acc + matmul(a, b, acc.shape)
+    elif staging is None:
         raise ValueError("mma(interpret=True) with a register operand needs an SMEM `staging` ref")
-    staging[...] = a
-    plgpu.commit_smem()
-    return acc + matmul(staging, b, acc.shape)
+    else:
+        staging[...] = a
+        plgpu.commit_smem()
+        out = acc + matmul(staging, b, acc.shape)
+    if during is not None:
+        during()
+    return out
