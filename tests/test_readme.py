@@ -23,10 +23,13 @@ def test_readme_has_the_two_setup_commands():
     assert "pytest" in tests
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_test_command_then_the_slow_cases():
     ci = (ROOT / ".ci" / "run").read_text().split("verbatim below ---\n", 1)[1]
+    ci = ci.split("# --- end of the README's command", 1)[0]
     _, tests = _commands()
     assert " && ".join(ci.strip().splitlines()) == tests
+    assert '-m "not slow"' in tests
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("pytest -n 2 -q -m slow")
 
 
 def _executable(path: pathlib.Path, text: str) -> None:
