@@ -15,3 +15,11 @@ import jax.numpy as jnp
 # (a row that sees nothing never makes inf - inf = NaN).
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+
+def check_row_count(positions: int, heads: int) -> None:
+    """Kernels lay queries out as rows (position x head of a KV group) and index them in int32
+    (e.g. position * heads + head): positions * heads must stay below 2**31."""
+    if positions * heads >= 2**31:
+        raise ValueError(f"T * heads per KV group = {positions} * {heads} query rows must be < "
+                         f"2**31 (the kernels index rows in int32); split the sequence")
+

@@ -163,8 +163,11 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, sc
 
     indices [B, T, Hkv, n] int (from `select_blocks`): block j of the query's document covers its
     tokens [j*l', (j+1)*l' - 1]; keys after the query are masked; negative slots are skipped and a
-    repeated block counts once. All G query heads of a KV head share its blocks (nsa_spec.md §2.3).
-    scale defaults to 1/sqrt(Dk).
+    repeated block counts once. An id past the query's own block (past its document's or the
+    sequence's blocks included, any int32) holds no key the query may see and counts as -1 in
+    every implementation; it is not an error, since a check would need the values on the host.
+    All G query heads of a KV head share its blocks (nsa_spec.md §2.3). scale defaults to
+    1/sqrt(Dk).
 
     implementation: "reference", "xla", "pallas" (the Triton kernels on CPU in interpret mode, GPU
     and Hopper for bf16/f32, the Mosaic TPU kernels on TPU for f32/bf16; xla for other dtypes) or
@@ -180,7 +183,7 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, sc
 
 
 def _first_occurrence(indices):
-    """[..., n] bool: slot holds a non-negative block not already held by an earlier slot."""
+    """[..., n] bool: slot holds a non-negative id not already held by an earlier slot."""
     n = indices.shape[-1]
     earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)
     repeated = jnp.any((indices[..., :, None] == indices[..., None, :]) & earlier, axis=-1)
@@ -198,8 +201,9 @@ def selected_attention_xla(q, k, v, indices, cfg, *, segment_ids=None, scale):
         q_c, pos_c, doc_c, idx_c = xs
         k_h, v_h = shared  # [B, Hkv, T, D]
         c, n = idx_c.shape[1], idx_c.shape[3]
-        key = doc_c[:, :, None, None, None] + idx_c[..., None] * lp + jnp.arange(lp)
-        use = _first_occurrence(idx_c)[..., None] & (key <= pos_c[:, :, None, None, None])
+        starts = layout.selected_block_starts(idx_c, pos_c[:, :, None], doc_c[:, :, None], lp)
+        key = jnp.maximum(starts, 0)[..., None] + jnp.arange(lp)  # <= t + l' - 1: no overflow
+        use = (_first_occurrence(starts)[..., None] & (key <= pos_c[:, :, None, None, None]))
         rows = jnp.moveaxis(jnp.clip(key, 0, t - 1), 2, 1).reshape(b, hkv, c * n * lp, 1)
         k_g = jnp.take_along_axis(k_h, rows, axis=2).reshape(b, hkv, c, n * lp, -1)
         v_g = jnp.take_along_axis(v_h, rows, axis=2).reshape(b, hkv, c, n * lp, -1)
