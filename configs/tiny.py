@@ -1,7 +1,7 @@
 """Tiny NSA language model on Shakespeare, for a CPU: the README's main job.
 
-Run (under 5 minutes on 2 CPU cores, compilation included: 4m40s wall, 2m24s of CPU time,
-measured on a 2-core machine shared with other jobs):
+Run (2m24s of CPU time, compilation included: 1m40s wall on 2 idle cores, up to 5 minutes on 2
+cores shared with other jobs, measured 4m40s; the README gives the same figures):
     nsa-train --config configs/tiny.py                 # or: python -m nsa_jax.train --config ...
     nsa-eval --workdir runs/tiny                       # loss by context length, passkey grid
 

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
-from nsa_jax.layout import document_starts
-from pallas_kernels.gpu.triton.selected_attention import (Tiling, absolute_block_starts,
-                                                          key_tile_entries, query_tile_union,
-                                                          selected_attention)
+from nsa_jax.layout import document_starts, positions, selected_block_starts
+from pallas_kernels.gpu.triton.selected_attention import (Tiling, key_tile_entries,
+                                                          query_tile_union, selected_attention)
 
 SHAPES = {"paper": (64, 4), "small-group": (32, 8)}  # (Hq, Hkv); B=1, D=128, l'=64, n=16
 
@@ -190,7 +189,8 @@ def time_index_build(t, hkv=4, block=64, n=16):
     idx = problem(t, 64, hkv, block=block, n=n)[-1]
 
     def build(idx):
-        starts = absolute_block_starts(idx, jnp.zeros(idx.shape[:2], jnp.int32), block)
+        pos = positions(1, t)[:, :, None]
+        starts = selected_block_starts(idx, pos, jnp.zeros_like(pos), block)
         union = query_tile_union(starts, 1)
         return key_tile_entries(*union, block, -(-t // block), 16, True)
 

@@ -6,6 +6,21 @@ import sys
 import time
 
 
+def at_least(kind, minimum):
+    """An argparse type: a `kind` (int or float) >= minimum, so a bad value is rejected while
+    parsing, before anything loads, in a message naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a number'}"
+                                             f" >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
 def demo(argv=None) -> None:
     """`nsa-demo`: run nsa_attention with the paper's hyper-parameters on random data and show
     which selection blocks a few queries chose."""
@@ -15,10 +30,10 @@ def demo(argv=None) -> None:
     from nsa_jax import NSAConfig, ops
 
     parser = argparse.ArgumentParser(prog="nsa-demo", description=demo.__doc__)
-    parser.add_argument("--length", type=int, default=4096, help="tokens T")
-    parser.add_argument("--q-heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=1)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--length", type=at_least(int, 1), default=4096, help="tokens T")
+    parser.add_argument("--q-heads", type=at_least(int, 1), default=16)
+    parser.add_argument("--kv-heads", type=at_least(int, 1), default=1)
+    parser.add_argument("--head-dim", type=at_least(int, 1), default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--implementation", default=None, choices=ops.IMPLEMENTATIONS)
     args = parser.parse_args(argv)
@@ -93,9 +108,9 @@ def generate(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="nsa-generate", description=generate.__doc__)
     parser.add_argument("--workdir", required=True, help="directory of an nsa-train run")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=at_least(int, 1), default=200)
+    parser.add_argument("--temperature", type=at_least(float, 0), default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=at_least(int, 1), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--implementation", default=None, choices=ops.IMPLEMENTATIONS,
                         help="decode attention (default: the run's model.implementation)")

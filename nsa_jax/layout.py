@@ -100,9 +100,18 @@ def compressed_visible(start, query_pos, query_doc_start, cfg: NSAConfig):
             & (start + cfg.compress_block - 1 <= query_pos[:, :, None]))
 
 
-def sorted_block_ids(ids):
-    """Selection block ids (-1 = none) in ascending order along the last axis, the -1 slots last:
-    the order every implementation of select_blocks returns."""
-    big = jnp.iinfo(jnp.int32).max
-    ids = jnp.sort(jnp.where(ids < 0, big, ids.astype(jnp.int32)), axis=-1)
-    return jnp.where(ids == big, -1, ids)
+def selected_block_starts(indices, query_pos, query_doc_start, select_block: int):
+    """Absolute first token of each selected block: indices [..., n] int (block ids counted from
+    the query's document start) of queries at absolute positions `query_pos` with document
+    starts `query_doc_start` (int32, both broadcastable to indices.shape[:-1]) -> [..., n]
+    int32, -1 where the id names no key the query may see: negative, or a block starting after
+    the query (every id past the document's or the sequence's blocks is one). Ids are compared
+    with the query's own block before any multiplication, so no id, however large, overflows
+    int32; the starts are <= the query's position.
+    """
+    own_block = ((query_pos - query_doc_start) // select_block)[..., None]
+    indices = jnp.asarray(indices)
+    usable = (indices >= 0) & (indices <= own_block)
+    ids = jnp.where(usable, indices, 0).astype(jnp.int32)
+    return jnp.where(usable, query_doc_start[..., None] + ids * select_block, -1)
+

@@ -14,6 +14,15 @@ def write_report(result: dict, workdir, title: str) -> tuple[pathlib.Path, pathl
     return json_path, png_path
 
 
+def passkey_title(passkey: dict) -> str:
+    """The heat map's title; it says so when the model never trained on passkey examples (the
+    grid then shows what an untrained skill scores, typically 0, not a failure of attention)."""
+    title = f"passkey accuracy ({passkey['examples']} examples per cell)"
+    if not passkey["trained_on_passkeys"]:
+        title += "\nthis model never saw passkey data (data.passkey_prob = 0)"
+    return title
+
+
 def _plot(result: dict, path: pathlib.Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -33,7 +42,7 @@ def _plot(result: dict, path: pathlib.Path, title: str) -> None:
     right.set(xticks=range(len(passkey["depths"])), xticklabels=passkey["depths"],
               yticks=range(len(passkey["lengths"])), yticklabels=passkey["lengths"],
               xlabel="needle depth (0 = start, 1 = end)", ylabel="context length (tokens)",
-              title=f"passkey accuracy ({passkey['examples']} examples per cell)")
+              title=passkey_title(passkey))
     for i, row in enumerate(passkey["accuracy"]):
         for j, value in enumerate(row):
             right.text(j, i, f"{value:.2f}", ha="center", va="center",

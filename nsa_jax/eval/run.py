@@ -36,9 +36,12 @@ def evaluate_workdir(config, workdir) -> dict:
     result = {"step": step, "loss_by_length": lengths,
               "passkey": {"lengths": list(settings.passkey_lengths),
                           "depths": list(settings.passkey_depths),
-                          "examples": settings.passkey_examples, "accuracy": accuracy.tolist()}}
+                          "examples": settings.passkey_examples, "accuracy": accuracy.tolist(),
+                          "trained_on_passkeys": run.data.passkey_prob > 0}}
     json_path, png_path = write_report(result, workdir, run.train.name)
+    unseen = "" if run.data.passkey_prob > 0 else "; this model never saw passkey data"
     print(f"  passkey accuracy (rows: lengths {list(settings.passkey_lengths)}, columns: depths "
-          f"{list(settings.passkey_depths)}):\n{np.array2string(accuracy, precision=2)}\n"
-          f"wrote {json_path} and {png_path}", flush=True)
+          f"{list(settings.passkey_depths)}{unseen}):\n"
+          f"{np.array2string(accuracy, precision=2)}\nwrote {json_path} and {png_path}",
+          flush=True)
     return result

@@ -9,8 +9,8 @@ sequence (each a pure function of the model and the cache), and `generate` (samp
 A trained run's model comes from nsa_jax.train.load_trained_run.
 """
 from nsa_jax.generation.cache import CacheState, cache_sizes, init_state
-from nsa_jax.generation.cached_forward import prefill, step
+from nsa_jax.generation.cached_forward import prefill, room, step
 from nsa_jax.generation.sampling import Generation, generate
 
-__all__ = ["CacheState", "Generation", "cache_sizes", "generate", "init_state", "prefill",
+__all__ = ["CacheState", "Generation", "cache_sizes", "generate", "init_state", "prefill", "room",
            "step"]

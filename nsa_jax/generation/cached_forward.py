@@ -4,7 +4,9 @@ attention of `cached_layers.py` as their token mixer, so nothing of the model is
 re-implemented."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nsa_jax.generation.cache import CacheState, init_state
 from nsa_jax.generation.cached_layers import prefill_layer, step_layer
@@ -40,11 +42,37 @@ def prefill(model, tokens, lengths, max_len: int):
     return logits, CacheState(caches, lengths)
 
 
+def room(model, state: CacheState) -> int | None:
+    """Tokens a sequence's cache holds: its full K/V slots S (max_len rounded up to a multiple of
+    select_block); None for kind "window", whose ring never fills."""
+    return None if model.cfg.attention == "window" else state.layers[0]["k"].shape[1]
+
+
+def _check_room(position, slots: int) -> None:
+    """Outside jit (concrete positions): ValueError for a sequence with no slot left."""
+    if isinstance(position, jax.core.Tracer):
+        return
+    full = np.flatnonzero(np.asarray(position) >= slots)
+    if full.size:
+        raise ValueError(f"sequence {full[0]} is at position {int(position[full[0]])}, but its "
+                         f"cache holds {slots} tokens (max_len rounded up to select_block); "
+                         f"prefill with a larger max_len")
+
+
 def step(model, state: CacheState, tokens, implementation=None):
-    """One new token per sequence, tokens [B] int -> (logits [B, V] float32, state). Each
-    sequence must have room: lengths < the cache's max_len (not checked under jit)."""
+    """One new token per sequence, tokens [B] int -> (logits [B, V] float32, state).
+
+    A sequence whose cache is full (lengths >= room(model, state)) has no slot for the token:
+    outside jit that raises ValueError; under jit its logits are NaN (and stay NaN for every later
+    step), so an overflow is never a silently wrong token."""
     position = state.lengths
+    slots = room(model, state)
+    if slots is not None:
+        _check_room(position, slots)
     logits, caches = _through_blocks(
         model, model.embed(tokens[:, None]),
         lambda attn, h, c: step_layer(attn, h, position, c, implementation), state.layers)
-    return logits[:, 0], CacheState(caches, position + 1)
+    logits = logits[:, 0]
+    if slots is not None:
+        logits = jnp.where((position < slots)[:, None], logits, jnp.nan)
+    return logits, CacheState(caches, position + 1)

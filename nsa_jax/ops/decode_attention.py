@@ -13,11 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nsa_jax import selection_rule
 from nsa_jax.branches import combine_branches
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import dispatch, validation
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
-from nsa_jax.ops.selection import overlap_to_blocks, top_n
+from nsa_jax.ops.selection import overlap_to_blocks
 
 
 def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig, *, k_win=None,
@@ -145,9 +146,10 @@ def decode_block_scores(logits, lse, position, cfg: NSAConfig, num_blocks: int):
 
 def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int):
     """Top-n selection blocks [B, Hkv, n] of `decode_block_scores`, forced blocks included, as
-    ops.select_blocks chooses them."""
+    ops.select_blocks chooses them
+    (nsa_jax.selection_rule)."""
     scores = decode_block_scores(logits, lse, position, cfg, num_blocks)
-    return top_n(scores[:, None], position[:, None], cfg)[:, 0]
+    return selection_rule.select_top_n(scores, position[:, None], cfg)
 
 
 def group_queries(q, kv_heads: int):

@@ -2,17 +2,17 @@
 O(T^2) memory. It is the spec in code and the yardstick of every other implementation — small T
 only. Every mask is built as a full [T, keys] table from positions, independently of the chunked
 gathers of the xla implementation; only the document layout, the NaN-safe softmax and the
-forced-block rule of the top-n are shared. ops.dispatch.TABLE names these as "reference".
+selection rule's rank keys (nsa_jax.selection_rule; the top-n here is a sort) are shared.
+ops.dispatch.TABLE names these as "reference".
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import layout
+from nsa_jax import layout, selection_rule
 from nsa_jax.branches import combine_branches
 from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, normalise
-from nsa_jax.ops.selection import candidate_scores, finalize_indices, pad_blocks_to
 
 
 def _f(x):
@@ -96,15 +96,19 @@ def block_scores(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
 
 
 def _top_n_by_sort(scores, local_pos, cfg):
-    """A stable full sort (not lax.top_k) of the candidates of scores [B, T, Hkv, NB] for queries
-    at document positions local_pos [B, T]."""
-    cand = pad_blocks_to(candidate_scores(scores, local_pos, cfg), cfg.num_selected)
-    order = jnp.argsort(-cand, axis=-1, stable=True)[..., :cfg.num_selected]
-    return finalize_indices(order, jnp.take_along_axis(cand, order, axis=-1))
+    """The rule's rank keys of scores [..., NB] (queries at document positions local_pos,
+    broadcastable to [...]) through a stable full sort, not lax.top_k -> [..., n]."""
+    keys = selection_rule.rank_keys(scores, local_pos, cfg)
+    short = max(cfg.num_selected - keys.shape[-1], 0)
+    keys = jnp.pad(keys, [(0, 0)] * (keys.ndim - 1) + [(0, short)],
+                   constant_values=selection_rule.KEY_INVISIBLE)
+    order = jnp.argsort(keys, axis=-1, descending=True, stable=True)[..., :cfg.num_selected]
+    return selection_rule.chosen_blocks(jnp.take_along_axis(keys, order, axis=-1), order)
 
 
 def select_blocks(scores, cfg, *, segment_ids=None):
-    return _top_n_by_sort(scores, layout.document_positions(segment_ids, *scores.shape[:2]), cfg)
+    local_pos = layout.document_positions(segment_ids, *scores.shape[:2])
+    return _top_n_by_sort(scores, local_pos[..., None], cfg)
 
 
 def select(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
@@ -149,7 +153,7 @@ def nsa_decode(q, k, v, k_cmp, v_cmp, gates, position, cfg, *, k_win, v_win, sca
     weights = overlap_weights(cfg, num_blocks, k_cmp.shape[1]).astype(probs.dtype)
     scores = jnp.einsum("bhs,sn->bhn", probs, weights, precision="highest")
     scores = scores.reshape(b, hkv, hq // hkv, num_blocks).sum(2).astype(jnp.float32)
-    indices = _top_n_by_sort(scores[:, None], t, cfg)[:, 0]  # [B, Hkv, n]
+    indices = _top_n_by_sort(scores, t, cfg)  # [B, Hkv, n]
     slot = jnp.arange(k.shape[1])  # full cache: slot s holds token s
     chosen = jnp.any(indices[..., None] == slot // lp, axis=-2)  # [B, Hkv, S]
     o_slc = _attend(q1, k, v, (chosen & (slot <= t)[:, None])[:, :, None], scale)[0]

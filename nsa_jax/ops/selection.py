@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import layout
+from nsa_jax import layout, selection_rule
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import dispatch, validation
 from nsa_jax.ops.chunking import map_query_chunks
@@ -93,41 +93,20 @@ def block_scores_xla(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     return map_query_chunks(fn, per_query, shared)[0]
 
 
-def candidate_scores(scores, local_pos, cfg: NSAConfig):
-    """Scores with causality and forced blocks applied: blocks after the query's block -> -inf,
-    the first num_init_blocks and the num_local_blocks ending at the query's block -> +inf."""
-    block = jnp.arange(scores.shape[-1])
-    current = (local_pos // cfg.select_block)[:, :, None, None]
-    valid = block <= current
-    forced = valid & ((block < cfg.num_init_blocks) | (block > current - cfg.num_local_blocks))
-    return jnp.where(forced, jnp.inf, jnp.where(valid, scores, -jnp.inf))
-
-
-def finalize_indices(chosen, chosen_scores):
-    """Slots that only found -inf (fewer valid blocks than n) become -1; ascending order, -1 last."""
-    return layout.sorted_block_ids(jnp.where(chosen_scores == -jnp.inf, -1, chosen))
-
-
-def pad_blocks_to(scores, n: int):
-    short = n - scores.shape[-1]
-    if short <= 0:
-        return scores
-    return jnp.pad(scores, [(0, 0)] * 3 + [(0, short)], constant_values=-jnp.inf)
-
-
-def top_n(scores, local_pos, cfg):
-    cand = pad_blocks_to(candidate_scores(scores, local_pos, cfg), cfg.num_selected)
-    values, chosen = jax.lax.top_k(cand, cfg.num_selected)  # ties: lower index first
-    return finalize_indices(chosen, values)
-
-
 def select_blocks(scores, cfg: NSAConfig, *, segment_ids=None, implementation=None):
-    """Top-n selection blocks per query and KV head: [B, T, Hkv, n] int32.
+    """Top-n selection blocks per query and KV head: [B, T, Hkv, n] int32, from block scores
+    [B, T, Hkv, ceil(T / l')] (any float dtype, compared as float32).
 
-    Only blocks up to the query's own (document-relative) block are candidates; block 0..
-    num_init_blocks-1 and the num_local_blocks blocks ending at the query's block are always
-    chosen and count toward n; ties go to the lower block index; unused slots are -1. Indices come
-    sorted ascending with the -1 slots last (nsa_spec.md §2.2, paper eq. 10-11).
+    The rule (nsa_spec.md §2.2, paper eq. 10-11), the same in every implementation, in the fused
+    selection of nsa_attention and in decoding (all call or mirror nsa_jax.selection_rule):
+    - only blocks up to the query's own (document-relative) block are candidates;
+    - blocks 0..num_init_blocks-1 and the num_local_blocks blocks ending at the query's block are
+      always chosen, whatever their scores, and count toward n;
+    - the others rank by score: +inf above every finite score, -inf and NaN below every finite
+      score but still candidates (a query that sees at most n blocks selects all of them),
+      -0.0 equal to +0.0;
+    - ties go to the lower block id.
+    Unused slots are -1; ids come sorted ascending with the -1 slots last.
 
     implementation: "reference" or "xla"; "pallas" and None run "xla" (the kernel fuses scoring
     with the top-n: nsa_attention uses it). Raises ValueError for bad arguments.
@@ -147,7 +126,8 @@ def select_blocks(scores, cfg: NSAConfig, *, segment_ids=None, implementation=No
 
 def select_blocks_xla(scores, cfg, *, segment_ids=None):
     b, t = scores.shape[:2]
-    return top_n(scores, layout.document_positions(segment_ids, b, t), cfg)
+    local_pos = layout.document_positions(segment_ids, b, t)[..., None]
+    return selection_rule.select_top_n(scores, local_pos, cfg)
 
 
 def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale, implementation=None):
@@ -172,7 +152,7 @@ def select_xla(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
 
     def fn(xs, sh):
         scores = _scores_chunk(xs, sh, cfg, scale, num_blocks)
-        return (top_n(scores, xs[1] - xs[2], cfg),)
+        return (selection_rule.select_top_n(scores, (xs[1] - xs[2])[..., None], cfg),)
 
     return map_query_chunks(fn, per_query, shared)[0]
 
@@ -183,8 +163,11 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, sc
 
     indices [B, T, Hkv, n] int (from `select_blocks`): block j of the query's document covers its
     tokens [j*l', (j+1)*l' - 1]; keys after the query are masked; negative slots are skipped and a
-    repeated block counts once. All G query heads of a KV head share its blocks (nsa_spec.md §2.3).
-    scale defaults to 1/sqrt(Dk).
+    repeated block counts once. An id past the query's own block (past its document's or the
+    sequence's blocks included, any int32) holds no key the query may see and counts as -1 in
+    every implementation; it is not an error, since a check would need the values on the host.
+    All G query heads of a KV head share its blocks (nsa_spec.md §2.3). scale defaults to
+    1/sqrt(Dk).
 
     implementation: "reference", "xla", "pallas" (on Hopper the Mosaic GPU kernels for bf16/f16
     with G <= 64, else the Triton kernels for bf16/f32, else xla; the Triton kernels on CPU in
@@ -202,7 +185,7 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, sc
 
 
 def _first_occurrence(indices):
-    """[..., n] bool: slot holds a non-negative block not already held by an earlier slot."""
+    """[..., n] bool: slot holds a non-negative id not already held by an earlier slot."""
     n = indices.shape[-1]
     earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)
     repeated = jnp.any((indices[..., :, None] == indices[..., None, :]) & earlier, axis=-1)
@@ -220,8 +203,9 @@ def selected_attention_xla(q, k, v, indices, cfg, *, segment_ids=None, scale):
         q_c, pos_c, doc_c, idx_c = xs
         k_h, v_h = shared  # [B, Hkv, T, D]
         c, n = idx_c.shape[1], idx_c.shape[3]
-        key = doc_c[:, :, None, None, None] + idx_c[..., None] * lp + jnp.arange(lp)
-        use = _first_occurrence(idx_c)[..., None] & (key <= pos_c[:, :, None, None, None])
+        starts = layout.selected_block_starts(idx_c, pos_c[:, :, None], doc_c[:, :, None], lp)
+        key = jnp.maximum(starts, 0)[..., None] + jnp.arange(lp)  # <= t + l' - 1: no overflow
+        use = (_first_occurrence(starts)[..., None] & (key <= pos_c[:, :, None, None, None]))
         rows = jnp.moveaxis(jnp.clip(key, 0, t - 1), 2, 1).reshape(b, hkv, c * n * lp, 1)
         k_g = jnp.take_along_axis(k_h, rows, axis=2).reshape(b, hkv, c, n * lp, -1)
         v_g = jnp.take_along_axis(v_h, rows, axis=2).reshape(b, hkv, c, n * lp, -1)

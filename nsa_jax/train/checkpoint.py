@@ -9,6 +9,8 @@ next older one is tried.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
 import shutil
 import warnings
@@ -22,11 +24,14 @@ class Checkpointer:
 
     def __init__(self, workdir, max_to_keep: int, *, read_only: bool = False):
         self.workdir, self.read_only = pathlib.Path(workdir).absolute(), read_only
-        self._manager = ocp.CheckpointManager(
-            self.workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                                 cleanup_tmp_directories=not read_only,
-                                                 read_only=read_only))
+        # Read-only options are given as Orbax would force them (no saving, no pruning), so it
+        # has nothing to warn about; its unconditional "directory is read only" note is dropped.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else 1, create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only)
+        with _without_absl_warning("Given directory is read only"):
+            self._manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
 
     def save(self, step: int, model_state, opt_state, metadata: dict) -> None:
         """Starts an asynchronous save of `step` unless that step is already saved."""
@@ -71,4 +76,17 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _without_absl_warning(prefix: str):
+    """Drop absl log records starting with `prefix` (Orbax logs through absl) while inside."""
+    drop = logging.Filter()
+    drop.filter = lambda record: not str(record.msg).startswith(prefix)
+    logger = logging.getLogger("absl")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 

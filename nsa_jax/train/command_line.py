@@ -18,16 +18,18 @@ OVERRIDE = "--config."
 def parse_train_args(argv: list[str], prog: str = "nsa-train"):
     """[--config FILE, --workdir DIR, --config.key=value ...] -> (ConfigDict, workdir).
     The workdir defaults to runs/<config file name without .py>."""
+    parser = argparse.ArgumentParser(prog=prog, add_help=False)
+    parser.add_argument("--config")
+    known, rest = parser.parse_known_args(argv)
+    if known.config is None:
+        raise ValueError(f"{prog} needs --config FILE (e.g. --config configs/tiny.py)")
+    loaded = load_config_file(known.config)
     values = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "run directory (default runs/NAME)", flag_values=values)
-    define = lambda: config_flags.DEFINE_config_file(
-        "config", None, "Python file whose get_config() returns the run's ConfigDict",
-        flag_values=values, lock_config=True, sys_argv=[prog, *argv])
-    config = _parse(values, define, argv, prog, lambda: _load_file(argv))
-    path = values["config"].config_filename if values["config"].present else None
-    if path is None:
-        raise ValueError(f"{prog} needs --config FILE (e.g. --config configs/tiny.py)")
-    workdir = values.workdir or str(pathlib.Path("runs") / pathlib.Path(path).stem)
+    define = lambda: config_flags.DEFINE_config_dict(
+        "config", loaded, flag_values=values, lock_config=True, sys_argv=[prog, *rest])
+    config = _parse(values, define, rest, prog, lambda: loaded)
+    workdir = values.workdir or str(pathlib.Path("runs") / pathlib.Path(known.config).stem)
     return config, workdir
 
 
@@ -51,10 +53,6 @@ def _parse(values: flags.FlagValues, define, argv: list[str], prog: str, origina
         define()
         rest = values([prog, *argv])
         config = values.config
-        if config is not None and not isinstance(config, ml_collections.ConfigDict):
-            config.keys()  # a config file that failed to load raises its OSError on first use
-    except OSError as error:
-        raise FileNotFoundError(str(error)) from None
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(_unknown_key(original(), argv) or str(error)) from None
     if len(rest) > 1:
@@ -82,18 +80,21 @@ def _unknown_key(config, argv: list[str]) -> str | None:
 
 
 def load_config_file(path) -> ml_collections.ConfigDict:
-    """get_config() of a config file (configs build on each other with it)."""
-    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    """get_config() of a config file (configs build on each other with it). A missing file is a
+    FileNotFoundError naming it; a file that fails to load, a ValueError naming it and the
+    error."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found (a relative path starts at "
+                                f"{pathlib.Path.cwd()})")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def _load_file(argv: list[str]):
-    """The config file named by --config in argv, loaded without overrides."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--config")
-    return load_config_file(parser.parse_known_args(argv)[0].config)
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception as error:  # the user's file: say which one failed, and how
+        raise ValueError(f"config file {path} failed to load: {type(error).__name__}: "
+                         f"{error}") from error
 
 
 def _frozen_tuples(value):

@@ -13,7 +13,7 @@ from nsa_jax.train.checkpoint import Checkpointer
 from nsa_jax.train.distributed import global_batch, initialize_if_asked, local_rows
 from nsa_jax.train.interrupts import Interrupted, catch_stop_signals
 from nsa_jax.train.metrics import MetricsLog, plot_losses
-from nsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from nsa_jax.train.optimizer import learning_rate_schedule, make_optimizer, warmup_steps
 from nsa_jax.train.progress import Progress, format_eval_line, format_train_line
 from nsa_jax.train.run_config import RunConfig, resolve
 from nsa_jax.train.sharding import batch_sharding, check_batch_size, make_mesh, state_shardings
@@ -133,6 +133,10 @@ class Trainer:
     def _header(self) -> str:
         r, d, mesh = self.run, self.run.data, self.mesh
         where = (f"resuming at step {self.step}" if self.step else "starting at step 0")
+        warmup = warmup_steps(r.optimizer, r.train.steps)
+        if warmup < r.optimizer.warmup_steps:
+            where += (f"; warm-up capped at {warmup} steps (half the run; optimizer."
+                      f"warmup_steps={r.optimizer.warmup_steps})")
         return (f"{r.train.name}: {r.model.attention} attention, {self.num_params / 1e6:.2f}M "
                 f"parameters ({r.model.num_layers} layers, d_model {r.model.d_model}); batch "
                 f"{d.batch_size} x {d.seq_len} tokens; {r.train.steps} steps on "

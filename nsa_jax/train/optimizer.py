@@ -7,11 +7,16 @@ import optax
 from nsa_jax.train.run_config import OptimizerConfig
 
 
+def warmup_steps(cfg: OptimizerConfig, steps: int) -> int:
+    """The warm-up a run of `steps` uses: cfg.warmup_steps, capped at half the run, so a short
+    run of any config (e.g. --config.steps=10) still warms up and then decays."""
+    return min(cfg.warmup_steps, steps // 2)
+
+
 def learning_rate_schedule(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
-    """Learning rate as a function of the number of updates already applied (warmup_steps <
-    steps, checked by run_config.resolve)."""
+    """Learning rate as a function of the number of updates already applied."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup_steps(cfg, steps),
         decay_steps=steps, end_value=cfg.learning_rate * cfg.final_lr_fraction)
 
 

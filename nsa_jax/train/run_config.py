@@ -85,9 +85,10 @@ class EvalSettings:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """Peak learning_rate after warmup_steps of linear warmup, then cosine decay to
-    learning_rate * final_lr_fraction at the last step; gradients clipped to global norm
-    grad_clip before AdamW (b1, b2, eps, weight_decay)."""
+    """Peak learning_rate after warmup_steps of linear warmup (at most half the run's steps:
+    a shorter run caps it there), then cosine decay to learning_rate * final_lr_fraction at the
+    last step; gradients clipped to global norm grad_clip before AdamW (b1, b2, eps,
+    weight_decay)."""
 
     learning_rate: float = 3e-4
     warmup_steps: int = 100
@@ -185,9 +186,6 @@ def resolve(config) -> RunConfig:
                     optimizer=from_mapping(OptimizerConfig, sections["optimizer"], "optimizer"),
                     mesh=from_mapping(MeshSettings, sections["mesh"], "mesh"),
                     eval=from_mapping(EvalSettings, sections["eval"], "eval"))
-    if run.optimizer.warmup_steps >= run.train.steps:
-        raise ValueError(f"config optimizer.warmup_steps ({run.optimizer.warmup_steps}) must be "
-                         f"smaller than steps ({run.train.steps})")
     if run.model.vocab_size < VOCAB_SIZE:
         raise ValueError(f"config model.vocab_size must be >= {VOCAB_SIZE} (the byte tokenizer's "
                          f"vocabulary), got {run.model.vocab_size}")

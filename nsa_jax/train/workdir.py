@@ -64,14 +64,30 @@ def prepare_workdir(workdir, config: dict) -> None:
 
 def _compare(stored: dict, config: dict, workdir) -> None:
     for section in PINNED_SECTIONS:
-        if stored.get(section) != config.get(section):
+        changed = config_differences(stored.get(section, {}), config.get(section, {}), section)
+        if changed:
             raise ValueError(
                 f"{workdir} holds a run whose {section!r} config differs from this one "
-                f"(stored: {stored.get(section)}, now: {config.get(section)}); its checkpoints "
-                "cannot be resumed with it. Use another --workdir or delete that one.")
-    changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+                f"({'; '.join(changed)}); its checkpoints cannot be resumed with it. Use another "
+                "--workdir or delete that one.")
+    changed = config_differences(stored, config)
     if changed:
-        warnings.warn(f"resuming {workdir} with changed config keys {changed}", stacklevel=2)
+        warnings.warn(f"resuming {workdir} with a changed config: {'; '.join(changed)}",
+                      stacklevel=2)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key.path: old -> new' for every leaf key whose value differs between two JSON configs
+    (a key only one of them has shows as <absent> on the other side)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}.{key}" if prefix else key
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, path)
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
 
 
 def load_config(workdir) -> dict:

@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import MASKED
+from pallas_kernels import MASKED, check_row_count
 
 # Sorts after every real token index (marks unused entries before sorting or searching).
 AFTER_ALL = int(jnp.iinfo(jnp.int32).max)
@@ -33,9 +33,11 @@ def round_up(x: int, m: int) -> int:
 
 
 def to_rows(x, num_kv_heads: int, padded_length: int):
-    """[B, T, Hq, D] -> [B, Hkv, Tp * G, D], zero rows for the padded positions."""
+    """[B, T, Hq, D] -> [B, Hkv, Tp * G, D], zero rows for the padded positions (ValueError if
+    Tp * G rows would overflow the kernels' int32 row index)."""
     b, t, hq, d = x.shape
     g = hq // num_kv_heads
+    check_row_count(padded_length, g)
     x = jnp.pad(x, [(0, 0), (0, padded_length - t), (0, 0), (0, 0)])
     x = x.reshape(b, padded_length, num_kv_heads, g, d).transpose(0, 2, 1, 3, 4)
     return x.reshape(b, num_kv_heads, padded_length * g, d)

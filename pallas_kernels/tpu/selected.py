@@ -55,11 +55,8 @@ def query_tiles(indices, doc_start, *, select_block: int, block_q: int, padded_l
     """Slots that are -1, repeat an earlier slot, or start after the query (so contribute nothing)
     are dropped here; that also keeps every DMA inside [0, T + l')."""
     b, t, hkv, n = indices.shape
-    num_blocks = -(-t // select_block)
-    idx = jnp.clip(indices, -1, num_blocks)
-    start = doc_start[:, :, None, None] + idx * select_block
-    pos = jnp.arange(t, dtype=jnp.int32)[None, :, None, None]
-    start = jnp.where((idx >= 0) & (start <= pos), start, -1)  # [B, T, Hkv, n]
+    pos = layout.positions(b, t)[:, :, None]
+    start = layout.selected_block_starts(indices, pos, doc_start[:, :, None], select_block)
     rows = common.per_row(start, group, padded_length, -1)  # [B, Tp*G, Hkv, n]
     row_starts = rows.transpose(0, 2, 1, 3)
 

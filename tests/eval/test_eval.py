@@ -4,6 +4,7 @@ import json
 import pytest
 
 from nsa_jax.eval import evaluate_workdir, parse_eval_args
+from nsa_jax.eval.report import passkey_title
 
 
 def test_eval_writes_json_and_heat_map(tiny_run):
@@ -22,6 +23,9 @@ def test_eval_writes_json_and_heat_map(tiny_run):
     assert passkey["lengths"] == [96] and passkey["depths"] == [0.0, 0.5, 1.0]
     assert len(passkey["accuracy"]) == 1 and len(passkey["accuracy"][0]) == 3
     assert all(0.0 <= a <= 1.0 for a in passkey["accuracy"][0])
+    assert passkey["trained_on_passkeys"] is False  # configs/tiny.py: data.passkey_prob = 0
+    assert "never saw passkey data" in passkey_title(passkey)
+    assert "never" not in passkey_title({**passkey, "trained_on_passkeys": True})
     assert (workdir / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -116,3 +116,30 @@ def test_bad_prefill_input_raises(bad):
         max_len = 0
     with pytest.raises(ValueError):
         generation.prefill(model, tokens, lengths, max_len)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_stepping_past_the_cache_is_never_silent(attention):
+    """A sequence whose cache is full (S = max_len rounded up to select_block = 8 tokens): step
+    raises a ValueError naming its position and the room outside jit; under jit that row's
+    logits are NaN and the other row's are the usual finite ones."""
+    model = _model(1, attention=attention, num_layers=1)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 29)
+    _, state = generation.prefill(model, tokens, jnp.array([3, 8], jnp.int32), max_len=8)
+    new = jnp.array([1, 2], jnp.int32)
+    with pytest.raises(ValueError, match=r"position 8, .* holds 8 tokens"):
+        generation.step(model, state, new)
+    logits, state = nnx.jit(generation.step)(model, state, new)
+    assert np.isnan(logits[1]).all() and np.isfinite(logits[0]).all()
+    logits, _ = nnx.jit(generation.step)(model, state, new)  # still full: still NaN
+    assert np.isnan(logits[1]).all() and np.isfinite(logits[0]).all()
+
+
+def test_window_caches_never_fill():
+    """Kind "window" keeps a ring: stepping past max_len is fine and not flagged."""
+    model = _model(1, attention="window", num_layers=1)
+    tokens = jax.random.randint(jax.random.key(0), (1, 8), 0, 29)
+    _, state = generation.prefill(model, tokens, jnp.array([8], jnp.int32), max_len=8)
+    for _ in range(3):
+        logits, state = generation.step(model, state, jnp.array([1], jnp.int32))
+        assert np.isfinite(logits).all()

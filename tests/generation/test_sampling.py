@@ -65,3 +65,14 @@ def test_nsa_generate_samples_from_a_trained_checkpoint(tiny_run, capsys):
 def test_nsa_generate_explains_a_missing_run(tmp_path):
     with pytest.raises(SystemExit, match="config.json"):
         cli.generate(["--workdir", str(tmp_path / "nothing"), "--prompt", "x"])
+
+
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "0"), ("--temperature", "-1"),
+                                         ("--temperature", "nan"), ("--top-k", "0")])
+def test_nsa_generate_rejects_bad_flags_before_loading(tmp_path, capsys, flag, value):
+    """The workdir does not exist: only an error about the flag itself means nothing loaded."""
+    with pytest.raises(SystemExit) as stop:
+        cli.generate(["--workdir", str(tmp_path / "nothing"), "--prompt", "x", flag, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be" in err and "config.json" not in err

@@ -4,4 +4,5 @@
     kernels  the compiled-or-interpreted kernel test base and the CUDA lowering check
     models   a tiny ModelConfig whose NSA is genuinely sparse, a jitted forward
     runs     configs/tiny.py shrunk to seconds, run helpers
+    selection  issue 20's non-finite selection cases and injected random scores
 """

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax import NSAConfig, ops
+from nsa_jax import NSAConfig, ops, selection_rule
 from nsa_jax.ops import dispatch
 from nsa_jax.ops.decode_attention import decode_block_scores, group_queries
-from nsa_jax.ops.selection import candidate_scores
 from pallas_kernels.gpu.triton import decode_attention
 from tests.helpers.inputs import rel_err
 from tests.helpers.kernels import DECODE_SHAPES, decode_specs, export_for_cuda
@@ -78,7 +77,7 @@ def test_interpret_kernels_match_xla_decode(key, hq, hkv, ring, dtype, tiling):
 
 def test_block_scores_match_the_xla_scores(key):
     """The top-n kernel's scores (block partials per tile, rescaled by exp(mt - lse)) against
-    the xla path's probabilities spread over blocks, with forced and later blocks marked: the
+    the xla path's probabilities spread over blocks, as rank keys (forced, later blocks): the
     padded heads (G = 2 of 16 rows) and the chunks spilling across tiles must not count."""
     b, hq, hkv, d = 7, 4, 2, 16
     args = _cache(key, b, SLOTS, hq, hkv, d)
@@ -93,9 +92,17 @@ def test_block_scores_match_the_xla_scores(key):
     logits = jnp.einsum("bhgd,bshd->bhgs", group_queries(args["q"], hkv), args["k_cmp"],
                         precision="highest") * d ** -0.5
     want = decode_block_scores(logits, lse[:, :, :2], position, CFG, SLOTS // CFG.select_block)
-    want = candidate_scores(want[:, None], position[:, None], CFG)[:, 0]
+    want_keys = selection_rule.rank_keys(want, position[:, None], CFG)
     got = scores.reshape(b, hkv, -1)[..., :want.shape[-1]]
-    assert rel_err(got, want) < 1e-5
+    fixed = (want_keys == selection_rule.KEY_FORCED) | (want_keys == selection_rule.KEY_INVISIBLE)
+    np.testing.assert_array_equal(np.where(fixed, got, 0), np.where(fixed, want_keys, 0))
+    assert rel_err(jnp.where(fixed, 0.0, _score_of_key(got)), jnp.where(fixed, 0.0, want)) < 1e-5
+
+
+def _score_of_key(keys):
+    """The float32 score behind a finite score's rank key (selection_rule.ordered_bits undone)."""
+    bits = jnp.where(keys >= 0, keys, keys ^ np.int32(0x7FFFFFFF))
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def test_unsupported_shapes_fall_back_to_xla(key):

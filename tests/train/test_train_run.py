@@ -1,6 +1,7 @@
 """The real tiny config, shrunk, trained in a temp workdir: files, metrics, resume, NaN abort,
-SIGTERM, a corrupt newest checkpoint."""
+SIGTERM, a corrupt newest checkpoint; reading checkpoints back quietly."""
 import json
+import logging
 import os
 import signal
 
@@ -10,6 +11,7 @@ import pytest
 from nsa_jax.data import make_train_batch
 from nsa_jax.models import mean_loss
 from nsa_jax.train import Interrupted, TrainingDiverged, loop, resolve, train
+from nsa_jax.train.checkpoint import Checkpointer
 from nsa_jax.train.trained_run import new_model
 from tests.helpers.runs import losses, tiny_run_config
 
@@ -91,6 +93,16 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
     assert stop.value.exit_code == 128 + signal.SIGTERM
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4]
     assert max(losses(tmp_path)) == 4
+
+
+def test_read_only_checkpoints_log_no_warnings(tmp_path, caplog):
+    """nsa-eval and nsa-generate read checkpoints read-only: Orbax must not warn about it."""
+    (tmp_path / "checkpoints").mkdir()
+    with caplog.at_level(logging.INFO):
+        checkpointer = Checkpointer(tmp_path, 2, read_only=True)
+        assert checkpointer.restore_latest({"w": jnp.zeros(2)}) is None
+        checkpointer.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_row_normalization_is_the_loss_the_trainer_minimises(tmp_path):

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 
 from nsa_jax import layout
 from nsa_jax.config import NSAConfig
+from pallas_kernels import check_row_count
 from pallas_kernels.gpu.triton import common
 
 _AFTER_ALL = jnp.iinfo(jnp.int32).max  # padding slots sort after every real start
@@ -325,9 +326,11 @@ _compressed.defvjp(_compressed_fwd, _compressed_bwd)
 # --- Entry point ----------------------------------------------------------------------------------
 
 def group_queries(q, num_kv_heads: int, length: int):
-    """q [B, T, Hq, D] -> [B, length, Hkv, gp, pow2(D)], zero padded."""
+    """q [B, T, Hq, D] -> [B, length, Hkv, gp, pow2(D)], zero padded. ValueError if length * gp
+    rows would overflow the kernels' int32 row index."""
     b, t, hq, d = q.shape
     g = hq // num_kv_heads
+    check_row_count(length, common.pow2(g))
     return common.pad_to(q.reshape(b, t, num_kv_heads, g, d),
                          (None, length, None, common.pow2(g), common.pow2(d)))
 

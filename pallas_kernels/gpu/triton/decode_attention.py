@@ -16,9 +16,10 @@ around them when G is a power of 2 >= 16 (the paper's 16):
    factor per (tile, head): score[j] = sum_h exp(mt[h] - lse[h]) * bs[h, j] (nsa_spec.md,
    block scores), so no [G, C] logits reach HBM and the scores are exact to float32 rounding.
 2. `select_top_n`, grid (B, Hkv): merges the split statistics into the compressed LSE, forms the
-   block scores of every tile (forced blocks +inf, blocks after the query's -inf: ops.selection's
-   candidate rule), writes them, and takes n rounds of argmax over all of them (largest score,
-   then the lowest block id: lax.top_k's order, so the same set as the xla path).
+   block scores of every tile, writes their int32 rank keys (nsa_jax.selection_rule: forced >
+   +inf > finite > -inf/NaN > invisible; select_blocks.tile_rank_keys), and takes n rounds of
+   argmax over all of them (largest key, then the lowest block id: the rule's order, so the same
+   set as the xla path).
 3. `sparse_partials`, grid (B, Hkv, 2H): program j < H attends to `units` selected blocks,
    program H + j to `units` of the W aligned l'-key tiles that cover the window; softmax partials.
 4. `combine`, grid (B, Hkv, Dv / dvb): merges each branch's partials and forms the gated sum
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax import layout
+from nsa_jax import selection_rule
 from nsa_jax.config import NSAConfig
 from pallas_kernels import MASKED
 from pallas_kernels.gpu.triton import common, select_blocks
@@ -317,7 +318,9 @@ def _select(t, lse, mt_ref, bs_ref, lse_ref, scores_ref, ids_ref, *, geo: Geomet
             cfg: NSAConfig, interpret: bool):
     """The compressed LSE [Gp] and the block partials -> the block scores and the top-n."""
     lse_ref[...] = lse
-    usable = (jax.lax.broadcasted_iota(jnp.int32, (geo.gp,), 0) < geo.groups) & (lse > -jnp.inf)
+    # Padded heads, rows that see nothing and rows with a non-finite LSE (inf or NaN in the
+    # cache) add nothing, as in ops.decode_attention.
+    usable = (jax.lax.broadcasted_iota(jnp.int32, (geo.gp,), 0) < geo.groups) & jnp.isfinite(lse)
     lse = jnp.where(usable, lse, 0.0)
     current = t // cfg.select_block
     tc, nb = geo.select_tiles, geo.blocks
@@ -332,8 +335,8 @@ def _select(t, lse, mt_ref, bs_ref, lse_ref, scores_ref, ids_ref, *, geo: Geomet
                                   * factor[:, :, None], 0.0), axis=1)  # [tc, nb]
         block = ((first + jax.lax.broadcasted_iota(jnp.int32, (tc, nb), 0)) * nb
                  + jax.lax.broadcasted_iota(jnp.int32, (tc, nb), 1))
-        scores_ref[pl.ds(first, tc), :] = select_blocks.candidates(score, block, current,
-                                                                   geo.plan)
+        scores_ref[pl.ds(first, tc), :] = select_blocks.tile_rank_keys(score, block, current,
+                                                                       geo.plan)
 
     jax.lax.fori_loop(0, geo.padded_tiles // tc, chunk, None)
     if not interpret:  # the writes above by every thread, visible to the reads below
@@ -342,20 +345,22 @@ def _select(t, lse, mt_ref, bs_ref, lse_ref, scores_ref, ids_ref, *, geo: Geomet
     col = jax.lax.broadcasted_iota(jnp.int32, keys.shape, 0)
     slot = jax.lax.broadcasted_iota(jnp.int32, ids_ref.shape, 0)
 
-    def take(i, carry):  # the best key left, the lowest block id among equals (lax.top_k's order)
+    def take(i, carry):  # the best key left, the lowest block id among equals (the rule's order)
         keys, ids = carry
         best = jnp.argmax(keys).astype(jnp.int32)
-        return jnp.where(col == best, -jnp.inf, keys), jnp.where(slot == i, best, ids)
+        chosen = jnp.where(jnp.max(keys) > selection_rule.KEY_INVISIBLE, best, -1)
+        return (jnp.where(col == best, selection_rule.KEY_INVISIBLE, keys),
+                jnp.where(slot == i, chosen, ids))
 
-    _, ids = jax.lax.fori_loop(0, cfg.num_selected, take, (keys, jnp.zeros_like(slot)))
-    ids_ref[...] = jnp.where(slot < jnp.minimum(cfg.num_selected, current + 1), ids, -1)
+    _, ids = jax.lax.fori_loop(0, cfg.num_selected, take, (keys, jnp.full_like(slot, -1)))
+    ids_ref[...] = jnp.where(slot < cfg.num_selected, ids, -1)
 
 
 def select_top_n(m, l, mt, bs, position, cfg: NSAConfig, geo: Geometry, *, num_warps: int = 8,
                  interpret: bool = False):
     """Partials of `compressed_partials` -> (lse [B, Hkv, Gp] float32, -inf where nothing is
-    visible; block scores [B, Hkv, T_pad, nb] float32 as ops.selection's candidates, forced
-    blocks +inf, later ones -inf; chosen block ids [B, Hkv, pow2(n)] int32, unsorted, -1 =
+    visible; the blocks' rank keys [B, Hkv, T_pad, nb] int32 (nsa_jax.selection_rule); chosen
+    block ids [B, Hkv, pow2(n)] int32, unsorted, -1 =
     none, columns >= n junk). Rows >= G are padding."""
     b, hkv, s, gp = m.shape
     tp, nb = geo.padded_tiles, geo.blocks
@@ -374,9 +379,9 @@ def select_top_n(m, l, mt, bs, position, cfg: NSAConfig, geo: Geometry, *, num_w
 
 
 def _selection_outputs(b, hkv, geo: Geometry, cfg: NSAConfig, head):
-    """(specs, shapes) of the selection's outputs: lse, block scores, chosen ids."""
+    """(specs, shapes) of the selection's outputs: lse, block rank keys, chosen ids."""
     shapes = [jax.ShapeDtypeStruct((b, hkv, geo.gp), jnp.float32),
-              jax.ShapeDtypeStruct((b, hkv, geo.padded_tiles, geo.blocks), jnp.float32),
+              jax.ShapeDtypeStruct((b, hkv, geo.padded_tiles, geo.blocks), jnp.int32),
               jax.ShapeDtypeStruct((b, hkv, common.pow2(cfg.num_selected)), jnp.int32)]
     return [head(*x.shape[2:]) for x in shapes], shapes
 
@@ -532,6 +537,6 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
                   geo, q.dtype, num_warps=tiling.num_warps, interpret=interpret)
     n = cfg.num_selected
     return (out[:, :, :g].reshape(b, hq, dv),
-            {"indices": layout.sorted_block_ids(ids[..., :n]),
+            {"indices": selection_rule.sorted_block_ids(ids[..., :n]),
              "lse_cmp": lse[:, :, :g].reshape(b, hq)})
 

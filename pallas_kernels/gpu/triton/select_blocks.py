@@ -10,9 +10,10 @@ blocks in tiles of `blocks` blocks. A tile loads the `blocks * r` compressed slo
 first chunk lies in those blocks, recomputes their probabilities from the saved LSE, maps them to
 blocks by overlap with one small matmul (weight = stride-d chunks shared; the chunks that run past
 the tile are carried into the next tile's first blocks), sums the G heads and merges the tile's
-candidates into a running top-n per query. Candidates are ordered by (score desc, block asc), the
-order of lax.top_k, so the result is the oracle's set. XLA only prepares per-query document data
-and sorts the n chosen ids.
+candidates into a running top-n per query. Candidates are ordered by nsa_jax.selection_rule's rank
+keys (forced, +inf, finite, -inf/NaN; `tile_rank_keys`), ties to the lower block, the order of
+lax.top_k over those keys, so the result is the rule's set. XLA only prepares per-query document
+data and sorts the n chosen ids.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from nsa_jax import layout
+from nsa_jax import layout, selection_rule
 from nsa_jax.config import NSAConfig
-from pallas_kernels import MASKED
+from nsa_jax.selection_rule import KEY_FORCED, KEY_INVISIBLE, KEY_NON_FINITE_LOW
 from pallas_kernels.gpu.triton import common
 from pallas_kernels.gpu.triton.compressed_attention import (check_compressed_keys,
                                                             first_slot_of_document,
@@ -33,7 +34,8 @@ from pallas_kernels.gpu.triton.compressed_attention import (check_compressed_key
                                                             query_positions_per_tile, row_bounds,
                                                             slot_visible)
 
-_EMPTY_ID = 1 << 30  # ids of the initial "nothing chosen yet" entries (score -inf)
+_EMPTY_ID = 1 << 30  # ids of the initial "nothing chosen yet" entries (key KEY_INVISIBLE)
+_HIGH_HALF = -65536  # int32 0xFFFF0000: sign, exponent and the 7 mantissa bits bfloat16 keeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,15 +98,23 @@ def overlap(slot, block, plan: Plan):
     return jnp.where(slot < plan.blocks * r, jnp.maximum(shared, 0), 0).astype(jnp.float32)
 
 
+def _high_bf16_bits(x):
+    """x float32 with its low 16 mantissa bits cleared: exactly a bfloat16 value. A bit mask, not
+    an astype round trip, which XLA may fold away (excess precision) and so lose the rest."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32) & _HIGH_HALF
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def split_dot(p, weights):
-    """p [rows, slots] float32 @ small-integer weights in three bfloat16 pieces: float32 accuracy
-    on bf16 tensor cores (the weights are exact in bf16)."""
-    hi = p.astype(jnp.bfloat16)
-    rest = p - hi.astype(jnp.float32)
-    mid = rest.astype(jnp.bfloat16)
-    lo = (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-    dot = lambda a: jnp.dot(a, weights, preferred_element_type=jnp.float32)
-    return dot(lo) + dot(mid) + dot(hi)
+    """p [rows, slots] float32 @ small-integer weights in three bfloat16 pieces hi + mid + lo == p
+    exactly (8 significant bits each; the float32 subtractions are exact): float32 accuracy on
+    bf16 tensor cores (the weights are exact in bf16)."""
+    hi = _high_bf16_bits(p)
+    rest = p - hi
+    mid = _high_bf16_bits(rest)
+    pieces = (hi, mid, rest - mid)
+    dot = lambda a: jnp.dot(a.astype(jnp.bfloat16), weights, preferred_element_type=jnp.float32)
+    return dot(pieces[2]) + dot(pieces[1]) + dot(pieces[0])
 
 
 def head_sum(x, plan: Plan):
@@ -135,58 +145,65 @@ def tile_block_scores(p, weights, carried, plan: Plan):
     return blocks, tuple(head_sum((p * w).sum(axis=1), plan) for w in spill_w)
 
 
-def _worst(vals, ids):
-    """[qb, 1] each: the entry a better candidate replaces (lowest score, then highest id)."""
-    low = vals.min(axis=1, keepdims=True)
-    return low, jnp.where(vals == low, ids, -_EMPTY_ID).max(axis=1, keepdims=True)
+def _worst(keys, ids):
+    """[qb, 1] each: the entry a better candidate replaces (lowest key, then highest id)."""
+    low = keys.min(axis=1, keepdims=True)
+    return low, jnp.where(keys == low, ids, -_EMPTY_ID).max(axis=1, keepdims=True)
 
 
-def _beats(value, ident, low, low_id):
-    return (value > -jnp.inf) & ((value > low) | ((value == low) & (ident < low_id)))
+def _beats(key, ident, low, low_id):
+    return (key > KEY_INVISIBLE) & ((key > low) | ((key == low) & (ident < low_id)))
 
 
-def merge_top_n(vals, ids, cand, cand_ids):
-    """Running top-n (vals/ids [qb, width]) updated with one tile's candidates [qb, blocks]: insert
-    each row's best remaining candidate while some row still has one that beats its worst."""
-    low, low_id = _worst(vals, ids)
+def merge_top_n(keys, ids, cand, cand_ids):
+    """Running top-n (rank keys and ids [qb, width]) updated with one tile's candidates (keys
+    [qb, blocks], ids [1, blocks]): insert each row's best remaining candidate while some row
+    still has one that beats its worst."""
+    low, low_id = _worst(keys, ids)
     rounds = _beats(cand, cand_ids, low, low_id).astype(jnp.int32).sum(axis=1).max()
 
     def insert(_, carry):
-        vals, ids, cand = carry
+        keys, ids, cand = carry
         best = cand.max(axis=1, keepdims=True)
         best_id = jnp.where(cand == best, cand_ids, _EMPTY_ID).min(axis=1, keepdims=True)
-        low, low_id = _worst(vals, ids)
+        low, low_id = _worst(keys, ids)
         slot = _beats(best, best_id, low, low_id) & (ids == low_id)
-        return (jnp.where(slot, best, vals), jnp.where(slot, best_id, ids),
-                jnp.where(cand_ids == best_id, -jnp.inf, cand))
+        return (jnp.where(slot, best, keys), jnp.where(slot, best_id, ids),
+                jnp.where(cand_ids == best_id, KEY_INVISIBLE, cand))
 
-    vals, ids, _ = jax.lax.fori_loop(0, rounds, insert, (vals, ids, cand))
-    return vals, ids
+    keys, ids, _ = jax.lax.fori_loop(0, rounds, insert, (keys, ids, cand))
+    return keys, ids
 
 
 def no_spill(plan: Plan):
     return tuple(jnp.zeros((plan.qb,), jnp.float32) for _ in range(plan.spill))
 
 
-def candidates(scores, block_id, current, plan: Plan):
-    """Block scores -> top-n candidates for queries in block `current`: the first
-    num_init_blocks and the num_local_blocks ending at `current` forced (+inf), later blocks
-    excluded (-inf)."""
-    forced = (block_id < plan.num_init_blocks) | (block_id > current - plan.num_local_blocks)
-    return jnp.where(block_id <= current, jnp.where(forced, jnp.inf, scores), -jnp.inf)
+def tile_rank_keys(scores, block_id, current, plan: Plan):
+    """nsa_jax.selection_rule.rank_keys for a tile of blocks: scores [qb, blocks] of the blocks
+    `block_id` [1, blocks] for queries whose own block is `current` ([qb, 1] or a scalar) ->
+    int32 keys. rank_keys numbers its columns from block 0; a tile starts anywhere, so the
+    forced and visible classes are taken from block_id here and the score order from the rule."""
+    visible = block_id <= current
+    forced = visible & ((block_id < plan.num_init_blocks)
+                        | (block_id > current - plan.num_local_blocks))
+    ranked = jnp.where(jnp.isnan(scores) | (scores == -jnp.inf), KEY_NON_FINITE_LOW,
+                       selection_rule.ordered_bits(scores))
+    return jnp.where(forced, KEY_FORCED, jnp.where(visible, ranked, KEY_INVISIBLE))
 
 
 def empty_top_n(plan: Plan):
-    """(vals, ids) [qb, width] holding nothing yet. Columns >= n are locked at (+inf, negative
-    id): never the worst entry, never replaced."""
+    """(keys, ids) [qb, width] holding nothing yet. Columns >= n are locked at (KEY_FORCED,
+    negative id): never the worst entry, never replaced."""
     wcol = jax.lax.broadcasted_iota(jnp.int32, (plan.qb, plan.width), 1)
     real = wcol < plan.num_selected
-    return jnp.where(real, -jnp.inf, jnp.inf), jnp.where(real, _EMPTY_ID + wcol, -2 - wcol)
+    return (jnp.where(real, KEY_INVISIBLE, KEY_FORCED),
+            jnp.where(real, _EMPTY_ID + wcol, -2 - wcol))
 
 
-def chosen_ids(vals, ids):
+def chosen_ids(keys, ids):
     """The running top-n -> block ids, -1 where nothing was chosen (columns >= n: junk)."""
-    return jnp.where(vals > -jnp.inf, ids, -1)
+    return jnp.where(keys > KEY_INVISIBLE, ids, -1)
 
 
 def _select_kernel(leaders_ref, num_docs_ref, doc_ref, offset_ref, start_ref, q_ref, k_ref,
@@ -194,7 +211,9 @@ def _select_kernel(leaders_ref, num_docs_ref, doc_ref, offset_ref, start_ref, q_
     qb, rows, nb, kb = plan.qb, plan.rows, plan.blocks, plan.slots
     q = q_ref[...].reshape(rows, q_ref.shape[-1])
     lse = lse_ref[...][:, None]
-    usable = lse > MASKED  # -inf: the row sees nothing (or is a padded head)
+    # -inf: the row sees nothing (or is a padded head); inf or NaN: broken inputs, which add
+    # nothing, as in ops.block_scores.
+    usable = jnp.isfinite(lse)
     lse = jnp.where(usable, lse, 0.0)
     doc_q = doc_ref[...]
     first_query = pl.program_id(0) * qb
@@ -216,19 +235,19 @@ def _select_kernel(leaders_ref, num_docs_ref, doc_ref, offset_ref, start_ref, q_
         last_tile = jnp.where(in_doc, current, 0).max() // nb
 
         def tile(i, carry):
-            vals, ids, carried = carry
+            keys, ids, carried = carry
             first_block = i * nb
             blocks, carried = tile_scores(offset_ref[leader] + first_block * plan.ratio,
                                           carried)
             block_id = first_block + col
-            cand = candidates(blocks, block_id, current[:, None], plan)
-            cand = jnp.where(in_doc[:, None], cand, -jnp.inf)
-            return (*merge_top_n(vals, ids, cand, block_id), carried)
+            cand = tile_rank_keys(blocks, block_id, current[:, None], plan)
+            cand = jnp.where(in_doc[:, None], cand, KEY_INVISIBLE)
+            return (*merge_top_n(keys, ids, cand, block_id), carried)
 
         return jax.lax.fori_loop(0, last_tile + 1, tile, (*state, no_spill(plan)))[:2]
 
-    vals, ids = jax.lax.fori_loop(0, num_docs_ref[...], document, empty_top_n(plan))
-    out_ref[...] = chosen_ids(vals, ids)
+    keys, ids = jax.lax.fori_loop(0, num_docs_ref[...], document, empty_top_n(plan))
+    out_ref[...] = chosen_ids(keys, ids)
 
 
 def _select_call(plan: Plan, leaders, num_docs, doc, offset, start, q5, k, lse):
@@ -275,7 +294,8 @@ def select_blocks(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None
     ops.select_blocks(ops.block_scores(q, k_cmp, lse, ...)) of nsa_jax.ops ("select"; nsa_spec.md
     §2.2-2.3): block ids counted from the query's document start, blocks after the query's own
     excluded, the first num_init_blocks and the num_local_blocks ending at the query's block
-    forced, ties to the lower id, ascending, -1 padding last. No gradient.
+    forced, the rest ranked by nsa_jax.selection_rule (non-finite scores included), ties to the
+    lower id, ascending, -1 padding last. No gradient.
 
     q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (one dtype of common.DTYPES, slots laid out as
     nsa_jax.layout says), lse [B, T, Hq] (the compressed branch's, -inf for rows that see
@@ -311,4 +331,4 @@ def select_blocks(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None
     rows = rows.transpose(0, 2, 1, 3).reshape(b, hkv, tq * gp)
     chosen = _select_call(plan, *_document_leaders(doc, qb), doc, offset, startp,
                           group_queries(q, hkv, tq), kp, rows)
-    return layout.sorted_block_ids(chosen[:, :t, :, :cfg.num_selected])
+    return selection_rule.sorted_block_ids(chosen[:, :t, :, :cfg.num_selected])

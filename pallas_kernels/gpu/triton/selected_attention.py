@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 
 from nsa_jax import layout
 from nsa_jax.config import NSAConfig
+from pallas_kernels import check_row_count
 from pallas_kernels.gpu.triton import common
 
 _AFTER_ALL = jnp.iinfo(jnp.int32).max  # unused entries sort after every real block start
@@ -78,30 +79,19 @@ class Plan:
 
 # --- Index tables, built in XLA -------------------------------------------------------------------
 
-def absolute_block_starts(indices, doc_start, block: int):
-    """[B, T, H, n] block ids -> first key position of each block, -1 where nothing is visible.
-
-    A block starting after its query holds no visible key; it becomes -1 so that no kernel ever
-    reads past the buffer for an out-of-range id.
-    """
-    t = jnp.arange(indices.shape[1], dtype=jnp.int32)[None, :, None, None]
-    start = doc_start[:, :, None, None] + indices * block
-    return jnp.where((indices >= 0) & (start <= t), start, -1).astype(jnp.int32)
-
-
-def _union_of_row(starts, query, qb: int):
+def _union_of_row(starts, query):
     """Sorted distinct starts of one tile (length L) with the bit mask of the queries using them."""
     length = starts.shape[0]
-    # Sorting (start, query) pairs puts a repeated pair next to its twin, so it is counted once.
-    key = jnp.where(starts >= 0, starts * qb + query, _AFTER_ALL)
-    key = jnp.sort(key)
-    valid = key != _AFTER_ALL
-    prev = jnp.concatenate([jnp.full((1,), -1, key.dtype), key[:-1]])
-    new_pair = valid & (key != prev)
-    new_start = valid & (key // qb != prev // qb)
+    # Sorting by (start, query) puts a repeated pair next to its twin, so it is counted once; two
+    # sort keys, not one packed start * qb + query, which would overflow int32 at T >= 2**31 / qb.
+    start, query = jax.lax.sort((jnp.where(starts >= 0, starts, _AFTER_ALL), query), num_keys=2)
+    valid = start != _AFTER_ALL
+    earlier = lambda x: jnp.concatenate([jnp.full((1,), -1, x.dtype), x[:-1]])
+    new_start = valid & (start != earlier(start))
+    new_pair = new_start | (valid & (query != earlier(query)))
     slot = jnp.where(valid, jnp.cumsum(new_start) - 1, length)  # invalid entries: a dump slot
-    union = jnp.zeros((length + 1,), jnp.int32).at[slot].set(jnp.where(valid, key // qb, 0))
-    qbit = jnp.where(new_pair, jnp.left_shift(1, key % qb), 0)
+    union = jnp.zeros((length + 1,), jnp.int32).at[slot].set(jnp.where(valid, start, 0))
+    qbit = jnp.where(new_pair, jnp.left_shift(1, query), 0)
     bits = jnp.zeros((length + 1,), jnp.int32).at[slot].add(qbit)  # distinct bits: add is OR
     return union[:length], bits[:length], jnp.sum(new_start, dtype=jnp.int32)
 
@@ -117,7 +107,7 @@ def query_tile_union(abs_starts, qb: int):
     tiles = abs_starts.reshape(b, tq // qb, qb, h, n).transpose(0, 3, 1, 2, 4)
     tiles = tiles.reshape(b * h * (tq // qb), qb * n)
     query = jnp.repeat(jnp.arange(qb, dtype=jnp.int32), n)
-    starts, bits, count = jax.vmap(_union_of_row, in_axes=(0, None, None))(tiles, query, qb)
+    starts, bits, count = jax.vmap(_union_of_row, in_axes=(0, None))(tiles, query)
     shape = (b, h, tq // qb)
     return starts.reshape(*shape, qb * n), bits.reshape(*shape, qb * n), count.reshape(shape)
 
@@ -418,12 +408,15 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, sc
     g = hq // hkv
     plan = _plan(q, k, v, cfg, scale, interpret, tiling or Tiling(), segment_ids is None)
     tq = -(-t // plan.qb) * plan.qb
+    check_row_count(tq, plan.gp)
     # An unaligned block may run up to l' - 1 keys past the last aligned tile.
     t_kv = plan.num_key_tiles * block + (0 if plan.aligned else block)
     q5 = common.pad_to(q.reshape(b, t, hkv, g, dk), (None, tq, None, plan.gp, common.pow2(dk)))
     kp = common.pad_to(k, (None, t_kv, None, common.pow2(dk)))
     vp = common.pad_to(v, (None, t_kv, None, common.pow2(dv)))
-    starts = absolute_block_starts(indices, layout.document_starts(segment_ids, b, t), block)
+    starts = layout.selected_block_starts(indices, layout.positions(b, t)[:, :, None],
+                                          layout.document_starts(segment_ids, b, t)[:, :, None],
+                                          block)
     starts = jnp.pad(starts, ((0, 0), (0, tq - t), (0, 0), (0, 0)), constant_values=-1)
     o5 = _selected(plan, q5, kp, vp, *query_tile_union(starts, plan.qb))
     return o5[:, :t, :, :g, :dv].reshape(b, t, hq, dv)
