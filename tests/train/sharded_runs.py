@@ -3,7 +3,9 @@
 
     python tests/sharded_runs.py WORKDIR     # -> WORKDIR/results.json
 
-One 1-device and one 8-device run of the shrunk tiny config; the 8-device run's middle checkpoint
+One 1-device, one 8-device (data=2 x fsdp=4) and one context-parallel (data=2 x fsdp=2 x
+context=2, every sequence split over 2 devices) run of the shrunk tiny config; the 8-device run's
+middle checkpoint
 resumed on 1 and on 4 devices; the Pallas kernel under a 4-device mesh against the xla
 implementation; the trainer's error for a batch the mesh cannot split.
 """
@@ -73,8 +75,9 @@ def pallas_under_mesh() -> dict:
 def main(root: pathlib.Path) -> None:
     share_compilations(root / "jax_cache")
     results = {}
-    for name, (data, fsdp) in {"one": (1, 1), "eight": (2, 4)}.items():
-        train(config(data, fsdp), root / name)
+    for name, (data, fsdp, context) in {"one": (1, 1, 1), "eight": (2, 4, 1),
+                                        "context": (2, 2, 2)}.items():
+        train(config(data, fsdp, **{"mesh.context": context}), root / name)
         results[name] = losses(root / name)
     results["eight_on_one"] = resume_on(root / "eight", root / "eight_on_one", 1, 1)
     results["eight_on_four"] = resume_on(root / "eight", root / "eight_on_four", 1, 4)
