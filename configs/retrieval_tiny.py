@@ -1,24 +1,25 @@
 """configs/tiny.py trained on a retrieval-heavy mix: the CPU-sized passkey experiment.
 
-Run (2 CPU cores; train stops each model after 9 minutes: repeat it until both say "finished"):
-    python experiments/retrieval.py train --config configs/retrieval_tiny.py --out runs/retrieval_tiny
-    python experiments/retrieval.py eval --out runs/retrieval_tiny    # 256..1024 tokens, 5 depths
+Run (2 CPU cores; each train call spends at most 9 minutes: repeat it until both runs are finished):
+    python experiments/retrieval.py train --out runs/retrieval_tiny --seeds 0 \
+        --configs configs/retrieval_tiny.py configs/retrieval_tiny_full.py
+    python experiments/retrieval.py eval --out runs/retrieval_tiny --lengths 256 512 768 1024
     python experiments/retrieval.py report --out runs/retrieval_tiny
 
-The same 2-layer NSA model as tiny.py (and its full-attention twin) at seq_len 256. Rows: 50%
-passkey, 40% MQAR (8 key=value pairs: the same look-up-and-copy skill with 24 answer digits per
-row), 10% Shakespeare. Why so much synthetic data: the loss is averaged over target tokens, and a
-passkey row has 5 of them against a text row's 256, so with passkey_prob 0.5 and text for the rest
-the key is 2% of the loss; measured here, the NSA model then stayed at chance on every key digit
-after 2000 steps (16.6 minutes).
+The same 2-layer NSA model as tiny.py (and its full-attention twin, retrieval_tiny_full.py) at
+seq_len 256. Rows: 50% passkey, 40% MQAR (8 key=value pairs: the same look-up-and-copy skill with
+24 answer digits per row), 10% Shakespeare. Why so much synthetic data: the loss is averaged over
+target tokens (loss_normalization "token"), and a passkey row has 5 of them against a text row's
+256, so with passkey_prob 0.5 and text for the rest the key is 2% of the loss; measured here, the
+NSA model then stayed at chance on every key digit after 2000 steps (16.6 minutes).
 
-Measured (2-core CPU shared with other jobs, 2026-11-23; docs/results.md): 2400 steps took the
-NSA model three chunks (the 9-minute limit, then 9.0 and 3.9 minutes) and its twin three (the
-limit, 8.8 and 0.1 minutes); eval took 8.4 minutes. Result: not enough to learn the task. Full
-attention gets 0.628 of the key digits right at the trained length (exact match 0.052) and NSA
-stays at chance (0.106, exact match 0.000), far from the 99% target, which this CPU budget does
-not reach. The experiment the script is meant for is configs/small_nsa.py on a GPU
-(experiments/retrieval.py says how).
+Measured (2-core CPU shared with other jobs, 2026-11-23, with that day's experiments/retrieval.py,
+which gave each model one 9-minute chunk per call; docs/results.md): 2400 steps took the NSA model
+three chunks (the 9-minute limit, then 9.0 and 3.9 minutes) and its twin three (the limit, 8.8
+and 0.1 minutes); eval took 8.4 minutes. Result: not enough to learn the task. Full attention
+gets 0.628 of the key digits right at the trained length (exact match 0.052) and NSA stays at
+chance (0.106, exact match 0.000), far from the 99% target, which this CPU budget does not reach.
+The GPU study it led to is configs/retrieval_4k_nsa.py (issue 21).
 """
 import pathlib
 

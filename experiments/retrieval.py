@@ -1,30 +1,36 @@
-"""Passkey retrieval of NSA and full attention trained alike, on a (context length x needle depth)
-grid from the trained length up to 4x beyond it, with NSA's selection hit rate per layer.
+"""Passkey retrieval study: models trained alike from several config files (NSA, its matched
+full-attention twin, ablations) and seeds, measured on a (context length x needle depth) grid from
+the trained length up to 8x beyond it, with NSA's selection hit rate per layer.
 
-Three stages, each a re-runnable command (a training run that is cut off resumes):
+Three stages, each a re-runnable command that resumes where the last one stopped:
 
-    python experiments/retrieval.py train --config CONFIG --out OUT [--chunk-minutes 9] [overrides]
-    python experiments/retrieval.py eval --out OUT [--lengths L ...] [--depths D ...]
+    python experiments/retrieval.py train --out OUT --configs CONFIG [CONFIG ...] [--seeds 0 1 2]
+                                          [--minutes 9] [--gpus 1] [--config.key=value ...]
+    python experiments/retrieval.py eval --out OUT [--minutes 9] [--lengths L ...] [--depths D ...]
                                          [--examples 100] [--batch-size 8] [--seed 0]
     python experiments/retrieval.py report --out OUT
 
-`train` advances CONFIG as NSA (OUT/nsa) and as its full-attention twin (OUT/full, the same config
-with model.attention=full: identical data, seed, steps and optimizer) by at most --chunk-minutes
-each; SIGTERM makes the trainer save and stop, and running the command again continues. Extra
-arguments are nsa-train config overrides, applied to both. `eval` restores both runs' newest
-checkpoints and measures passkey exact-match accuracy (and the share of key digits right, each
-given the true ones before it) on the same examples per grid cell (default
-lengths: the trained seq_len times 1, 2, 3, 4; depths 0, .25, .5, .75, 1) and, for NSA, the
-selection hit rate per layer (nsa_jax/eval/selection.py says what a hit and a forced hit are),
-from one jitted logits-and-indices forward per batch -> OUT/retrieval.json. `report` turns that
-into OUT/retrieval.png (heat maps and hit rates) and OUT/report.md (tables).
+`train` trains every CONFIG with every seed in OUT/<config stem>/seed<k> (experiments/runs.py):
+the unfinished runs in order, seed by seed, until --minutes are spent (SIGTERM makes the trainer
+save and stop), one at a time, or side by side with --gpus N (one run per GPU). The configs must
+train on identical data with identical optimizer and steps; only their models may differ. Extra
+arguments are nsa-train overrides, applied to every run. `eval` takes each finished run not yet
+evaluated on this grid, restores its final checkpoint and measures passkey exact match and the
+share of key digits right (each given the true ones before it) on the same examples per cell
+(default lengths: the trained seq_len times 1, 2, 4, 8; depths 0, .25, .5, .75, 1) and, for NSA,
+the selection hit rate per layer (nsa_jax/eval/selection.py says what a hit and a forced hit
+are), from one jitted logits-and-indices forward per batch -> OUT/<config>/seed<k>/retrieval.json;
+it starts no new run's grid after --minutes. `report` aggregates the seeds ->
+OUT/retrieval.png and OUT/report.md (tables with their configs, commands, device, dates, commit).
 
-On a CPU (docs/results.md has the results): CONFIG = configs/retrieval_tiny.py,
-OUT = runs/retrieval_tiny. The experiment the configs are sized for (one GPU; 8k trained, grid up
-to 32k; not run yet):
-    python experiments/retrieval.py train --config configs/small_nsa.py --out runs/retrieval
-    python experiments/retrieval.py eval --out runs/retrieval --batch-size 4
-    python experiments/retrieval.py report --out runs/retrieval
+Issue 21's study (one H200; `python experiments/budget.py CONFIG` estimates each config's time):
+    python experiments/retrieval.py train --out runs/retrieval_4k --seeds 0 1 2 --minutes 9 \\
+        --configs configs/retrieval_4k_nsa.py configs/retrieval_4k_full.py \\
+                  configs/retrieval_4k_gates_half.py
+    python experiments/retrieval.py eval --out runs/retrieval_4k --minutes 7
+    python experiments/retrieval.py report --out runs/retrieval_4k
+each repeated until it says everything is done. On a CPU: configs/retrieval_tiny.py and
+configs/retrieval_tiny_full.py, --seeds 0 (docs/results.md).
 """
 from __future__ import annotations
 
@@ -43,24 +49,27 @@ from flax import nnx
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.provenance import record_command  # noqa: E402
 from experiments.retrieval_report import report  # noqa: E402
-from experiments.runs import train_in_chunks  # noqa: E402
+from experiments.runs import (check_comparable, is_finished, study_runs,  # noqa: E402
+                             study_workdirs, train_within)
 from nsa_jax.data import (PASSKEY_DIGITS, answer_hits, answer_token_hits,  # noqa: E402
                           padded_batches, passkey_min_length)
 from nsa_jax.eval import parse_eval_args, passkey_cell, selection_hits  # noqa: E402
+from nsa_jax.models import num_params  # noqa: E402
 from nsa_jax.train import load_trained_run, resolve  # noqa: E402
 
-KINDS = ("nsa", "full")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-LENGTH_FACTORS = (1, 2, 3, 4)
+LENGTH_FACTORS = (1, 2, 4, 8)
+EXAMPLES = 100  # per grid cell
+RESULT = "retrieval.json"
 
 
-def train(config: pathlib.Path, out: pathlib.Path, overrides: list[str], minutes: float) -> None:
-    if not config.is_file():
-        raise FileNotFoundError(f"config file {config} not found; expected e.g. "
-                                "configs/retrieval_tiny.py")
-    train_in_chunks({kind: (config, out / kind, [*overrides, f"--config.model.attention={kind}"])
-                     for kind in KINDS}, minutes)
+def train(configs, seeds, out: pathlib.Path, overrides: list[str], minutes: float,
+          gpus: int, command: list[str]) -> None:
+    runs = study_runs(configs, seeds, out, overrides)
+    record_command(out, "retrieval.py", command)
+    train_within(runs, minutes, gpus)
 
 
 def check_grid(lengths, depths, examples: int, batch_size: int) -> None:
@@ -77,35 +86,9 @@ def check_grid(lengths, depths, examples: int, batch_size: int) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def load_settings(out: pathlib.Path, kind: str):
-    """The resolved settings of the run in OUT/kind, as stored by nsa-train."""
-    workdir = out / kind
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"no {kind} run in {workdir} (no config.json): train first with "
-                                f"`python experiments/retrieval.py train --config CONFIG --out "
-                                f"{out}`")
+def load_settings(workdir: pathlib.Path):
+    """The resolved settings of the run in `workdir`, as stored by nsa-train."""
     return resolve(parse_eval_args(["--workdir", str(workdir)])[0])
-
-
-def restore(run, workdir: pathlib.Path):
-    """-> (graphdef, model state, step) of the newest checkpoint in `workdir`."""
-    _, graphdef, state, step = load_trained_run(workdir, run)
-    if step < run.train.steps:
-        print(f"warning: {workdir} is at step {step} of {run.train.steps}; run train again to "
-              "finish it", flush=True)
-    return graphdef, state, step
-
-
-def check_twins(nsa_run, full_run) -> None:
-    """The comparison is only fair if the runs differ in model.attention alone."""
-    same_model = dataclasses.replace(full_run.model, attention="nsa") == nsa_run.model
-    if nsa_run.model.attention != "nsa" or full_run.model.attention != "full" or not same_model:
-        raise ValueError("OUT/nsa and OUT/full must be one config trained with model.attention "
-                         f"nsa and full, got {nsa_run.model} and {full_run.model}")
-    for section in ("train", "data", "optimizer"):
-        if getattr(nsa_run, section) != getattr(full_run, section):
-            raise ValueError(f"OUT/nsa and OUT/full differ in their {section} settings: "
-                             f"{getattr(nsa_run, section)} vs {getattr(full_run, section)}")
 
 
 def make_forward(graphdef):
@@ -184,60 +167,93 @@ def evaluate_grid(forward, state, lengths, depths, examples: int, batch_size: in
     return result
 
 
-def evaluate(out: pathlib.Path, lengths, depths, examples: int, batch_size: int,
-             seed: int) -> dict:
-    runs = {kind: load_settings(out, kind) for kind in KINDS}
-    check_twins(runs["nsa"], runs["full"])
-    trained = runs["nsa"].data.seq_len
-    lengths = list(lengths or [trained * f for f in LENGTH_FACTORS])
-    depths = list(DEPTHS if depths is None else depths)
-    check_grid(lengths, depths, examples, batch_size)
-    result = {"trained_length": trained, "lengths": lengths, "depths": depths,
-              "examples": examples, "batch_size": batch_size, "seed": seed}
-    for kind, run in runs.items():
-        graphdef, state, step = restore(run, out / kind)
-        start = time.perf_counter()
-        nsa_cfg = run.model.nsa if kind == "nsa" else None
-        grid = evaluate_grid(make_forward(graphdef), state, lengths, depths, examples,
-                             batch_size, seed, nsa_cfg)
-        result[kind] = {"config": run.train.name, "step": step, "planned_steps": run.train.steps,
-                        "model": dataclasses.asdict(run.model),
-                        "eval_seconds": round(time.perf_counter() - start, 1), **grid}
-        for name in ("accuracy", "digit_accuracy"):
-            print(f"{kind} (step {step}) passkey {name}, rows lengths {lengths}, columns depths "
-                  f"{depths}:\n{np.array2string(np.array(grid[name]), precision=3)}", flush=True)
-        if nsa_cfg is not None:
-            print(f"selection per layer: {grid['selection']['per_layer']}", flush=True)
-    path = out / "retrieval.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}", flush=True)
-    return result
+def evaluate_run(workdir: pathlib.Path, run, grid: dict) -> dict:
+    """The grid (lengths, depths, examples, batch_size, eval_seed) on the newest checkpoint of the
+    run in `workdir` -> its retrieval.json content."""
+    _, graphdef, state, step = load_trained_run(workdir, run)
+    start = time.perf_counter()
+    nsa_cfg = run.model.nsa if run.model.attention == "nsa" else None
+    measured = evaluate_grid(make_forward(graphdef), state, grid["lengths"], grid["depths"],
+                             grid["examples"], grid["batch_size"], grid["eval_seed"], nsa_cfg)
+    return {"arm": workdir.parent.name, "seed": run.train.seed, "config": run.train.name,
+            "step": step, "planned_steps": run.train.steps, "params": num_params(run.model),
+            "model": dataclasses.asdict(run.model), "trained_length": run.data.seq_len, **grid,
+            "eval_seconds": round(time.perf_counter() - start, 1), **measured}
+
+
+def _is_current(path: pathlib.Path, run, grid: dict) -> bool:
+    """retrieval.json exists for this grid and the run's final step."""
+    if not path.exists():
+        return False
+    result = json.loads(path.read_text())
+    return result["step"] == run.train.steps and all(result[k] == v for k, v in grid.items())
+
+
+def evaluate(out: pathlib.Path, lengths, depths, examples: int, batch_size: int, seed: int,
+             minutes: float, command: list[str]) -> None:
+    workdirs = study_workdirs(out)
+    if not workdirs:
+        raise FileNotFoundError(f"no runs in {out} (no OUT/<config>/seed<k>/config.json): train "
+                                f"first with `python experiments/retrieval.py train --out {out} "
+                                "--configs ...`")
+    runs = {(arm, s): load_settings(w) for arm, seeds in workdirs.items() for s, w in seeds.items()}
+    check_comparable(runs)
+    trained = next(iter(runs.values())).data.seq_len
+    grid = {"lengths": list(lengths or [trained * f for f in LENGTH_FACTORS]),
+            "depths": list(DEPTHS if depths is None else depths), "examples": examples,
+            "batch_size": batch_size, "eval_seed": seed}
+    check_grid(grid["lengths"], grid["depths"], examples, batch_size)
+    record_command(out, "retrieval.py", command)
+    deadline, waiting = time.monotonic() + minutes * 60, []
+    for (arm, s), run in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):
+        workdir = workdirs[arm][s]
+        path = workdir / RESULT
+        if _is_current(path, run, grid):
+            continue
+        if not is_finished(workdir, run.train.steps):
+            waiting.append(f"{arm}/seed{s} (training not finished)")
+            continue
+        if time.monotonic() > deadline:
+            waiting.append(f"{arm}/seed{s} (out of time)")
+            continue
+        result = evaluate_run(workdir, run, grid)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{arm}/seed{s} (step {result['step']}, {result['eval_seconds']} s): exact match "
+              f"by length {np.mean(result['accuracy'], axis=1).round(3).tolist()}, key digits "
+              f"{np.mean(result['digit_accuracy'], axis=1).round(3).tolist()}; wrote {path}",
+              flush=True)
+    print("every run is evaluated" if not waiting else
+          f"not evaluated yet: {', '.join(waiting)}; run the same command again", flush=True)
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("train", "eval", "report"))
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "runs" / "retrieval")
-    parser.add_argument("--config", type=pathlib.Path, help="train: the NSA config file")
-    parser.add_argument("--chunk-minutes", type=float, default=9.0)
-    parser.add_argument("--lengths", type=int, nargs="+", help="eval: default seq_len x 1..4")
+    parser.add_argument("--configs", type=pathlib.Path, nargs="+", help="train: config files")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train: seeds")
+    parser.add_argument("--minutes", type=float, default=9.0,
+                        help="train: stop after this many minutes; eval: start no new run after")
+    parser.add_argument("--gpus", type=int, default=1, help="train: runs side by side, one per GPU")
+    parser.add_argument("--lengths", type=int, nargs="+", help="eval: default seq_len x 1, 2, 4, 8")
     parser.add_argument("--depths", type=float, nargs="+", help=f"eval: default {DEPTHS}")
-    parser.add_argument("--examples", type=int, default=100, help="eval: examples per cell")
+    parser.add_argument("--examples", type=int, default=EXAMPLES, help="eval: examples per cell")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="eval: seed of the examples")
     args, overrides = parser.parse_known_args(argv)
     if overrides and args.stage != "train":
         parser.error(f"unexpected arguments {overrides} (config overrides are for train only)")
-    if args.stage == "train" and args.config is None:
-        parser.error("train needs --config CONFIG (e.g. configs/retrieval_tiny.py)")
+    if args.stage == "train" and not args.configs:
+        parser.error("train needs --configs CONFIG [CONFIG ...] (e.g. configs/retrieval_tiny.py "
+                     "configs/retrieval_tiny_full.py)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         if args.stage == "train":
-            args.out.mkdir(parents=True, exist_ok=True)
-            train(args.config, args.out, overrides, args.chunk_minutes)
+            train(args.configs, args.seeds, args.out, overrides, args.minutes, args.gpus, argv)
         elif args.stage == "eval":
             evaluate(args.out, args.lengths, args.depths, args.examples, args.batch_size,
-                     args.seed)
+                     args.seed, args.minutes, argv)
         else:
             report(args.out)
     except (ValueError, FileNotFoundError) as error:

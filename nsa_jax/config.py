@@ -127,6 +127,14 @@ class ModelConfig:
     "mlp"); `separate_branch_kv` gives each NSA branch its own K/V projections (paper §3.3.3)
     instead of one shared set. `implementation` is passed to the NSA ops (None: fastest that runs).
     `v_head_dim=None` means `head_dim`; `compressor_hidden` is the hidden width of the "mlp" phi.
+
+    `gate_bias_init` (NSA only): the gate biases at initialisation in branch order (cmp, slc, win);
+    the gate weights start at zero, so every gate starts at sigmoid(bias). The default (-2, -2, 2),
+    gates (0.12, 0.12, 0.88), follows LR (nsa_spec.md §1.1) and is PROVISIONAL. The evidence so far
+    is issue 21's probe and cuts both ways: on an H200 (2k context, one seed each) NSA got 0.71 of
+    the passkey digits right with it and 0.49 with every gate at 0.5 (bias 0), while CPU probes on
+    a 1-layer retrieval task learned faster with gates at 0.5 in 2 of 3 seeds. Issue 21's study
+    (configs/retrieval_4k_gates_half.py against configs/retrieval_4k_nsa.py, 3 seeds) decides it.
     """
 
     vocab_size: int = 256
@@ -143,6 +151,7 @@ class ModelConfig:
     compressor: str = "mean"
     compressor_hidden: int = 256
     separate_branch_kv: bool = False
+    gate_bias_init: tuple[float, float, float] = (-2.0, -2.0, 2.0)  # provisional, see docstring
     nsa: NSAConfig = dataclasses.field(default_factory=NSAConfig)
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations; softmax statistics stay float32
@@ -170,6 +179,13 @@ class ModelConfig:
             require_choice(f"ModelConfig.{name}", getattr(self, name), choices)
         for name in ("separate_branch_kv", "remat"):
             require_bool(f"ModelConfig.{name}", getattr(self, name))
+        biases = self.gate_bias_init
+        if not isinstance(biases, (tuple, list)) or len(biases) != 3:
+            raise ValueError(f"ModelConfig.gate_bias_init must be 3 numbers (cmp, slc, win), got "
+                             f"{biases!r}")
+        for bias in biases:
+            require_number("ModelConfig.gate_bias_init", bias, -math.inf)
+        object.__setattr__(self, "gate_bias_init", tuple(float(b) for b in biases))
         if not isinstance(self.nsa, NSAConfig):
             raise ValueError(f"ModelConfig.nsa must be an NSAConfig, got {type(self.nsa).__name__}")
         if self.attention != "nsa" and self.v_head_dim != self.head_dim:

@@ -13,10 +13,6 @@ from nsa_jax.layers.documents import check_segment_ids, document_positions
 from nsa_jax.layers.projections import KVProjection, dense, split_heads
 from nsa_jax.layers.rotary import apply_rope
 
-# sigmoid(-2) ~ 0.12 for cmp and slc, sigmoid(2) ~ 0.88 for win: the window branch dominates at
-# initialisation, so the model learns local patterns first (nsa_spec.md §1.1).
-GATE_BIAS_INIT = (-2.0, -2.0, 2.0)
-
 
 class BranchInputs(NamedTuple):
     """Projections of NSAAttention's input: q, k (selection, rotated), v; the pre-RoPE k/v that phi
@@ -32,9 +28,13 @@ class BranchInputs(NamedTuple):
     gates: jax.Array
 
 
-def _gate_bias_init(key, shape, dtype=jnp.float32):
-    del key
-    return jnp.tile(jnp.asarray(GATE_BIAS_INIT, dtype), shape[0] // len(GATE_BIAS_INIT))
+def _gate_bias_init(biases: tuple[float, float, float]):
+    """Flax initializer of the gate bias [Hq * 3]: `biases` (cmp, slc, win) for every head."""
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.tile(jnp.asarray(biases, dtype), shape[0] // len(BRANCHES))
+
+    return init
 
 
 class NSAAttention(nnx.Module):
@@ -55,7 +55,8 @@ class NSAAttention(nnx.Module):
 
     K/V: one projection serves all three branches (cfg.separate_branch_kv=False), or each branch
     has its own (True, the paper's choice). phi for keys and for values are separate modules.
-    Gates: sigmoid(Linear(x)) per head and branch, zero weights and bias GATE_BIAS_INIT.
+    Gates: sigmoid(Linear(x)) per head and branch, zero weights and bias cfg.gate_bias_init, so
+    every gate starts at sigmoid(bias) (the default starts the window branch dominant).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -68,7 +69,8 @@ class NSAAttention(nnx.Module):
         self.k_compressor = make_compressor(cfg, cfg.head_dim, rngs=rngs)
         self.v_compressor = make_compressor(cfg, cfg.v_head_dim, rngs=rngs)
         self.gate = dense(cfg, cfg.d_model, cfg.num_heads * len(BRANCHES), rngs=rngs, use_bias=True,
-                          kernel_init=nnx.initializers.zeros_init(), bias_init=_gate_bias_init)
+                          kernel_init=nnx.initializers.zeros_init(),
+                          bias_init=_gate_bias_init(cfg.gate_bias_init))
         self.out = dense(cfg, cfg.num_heads * cfg.v_head_dim, cfg.d_model, rngs=rngs)
 
     def compress(self, k, v, *, segment_ids=None, offset=0):

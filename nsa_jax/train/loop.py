@@ -73,7 +73,8 @@ class Trainer:
             sharded_start(run, self.mesh))
         self.batch_sharding = batch_sharding(self.mesh)
         self.rows = local_rows(self.batch_sharding, (run.data.batch_size, run.data.seq_len))
-        self.train_step = make_train_step(model_def, opt_def, (*shardings, self.batch_sharding))
+        self.train_step = make_train_step(model_def, opt_def, (*shardings, self.batch_sharding),
+                                          run.train.loss_normalization)
         self._eval_step = make_eval_step(model_def, (shardings[0], self.batch_sharding))
         self.checkpointer = Checkpointer(workdir, run.train.max_to_keep)
         self.log = MetricsLog(workdir)

@@ -2,10 +2,11 @@
 config file's get_config() returns (configs/*.py, with command-line overrides) into validated
 frozen dataclasses, one per section.
 
-Top level: name, seed, steps, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep
-(TrainSettings), and the sections data (nsa_jax.data.DataConfig), model (nsa_jax.config.ModelConfig,
-with model.nsa: NSAConfig), optimizer (OptimizerConfig), mesh (MeshSettings: devices and hosts)
-and eval (EvalSettings, read by nsa-eval). Every value check comes from nsa_jax.config.
+Top level: name, seed, steps, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
+loss_normalization (TrainSettings), and the sections data (nsa_jax.data.DataConfig), model
+(nsa_jax.config.ModelConfig, with model.nsa: NSAConfig), optimizer (OptimizerConfig), mesh
+(MeshSettings: devices and hosts) and eval (EvalSettings, read by nsa-eval). Every value check
+comes from nsa_jax.config. `full_attention_twin` builds a config's matched full-attention baseline.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import dataclasses
 import math
 
 from nsa_jax.config import (ModelConfig, NSAConfig, check_keys, from_mapping, require_bool,
-                            require_int, require_number)
+                            require_choice, require_int, require_number)
 from nsa_jax.data import PASSKEY_DIGITS, VOCAB_SIZE, DataConfig, passkey_min_length
+from nsa_jax.models import LOSS_NORMALIZATIONS, matching_mlp_hidden, num_params
 from nsa_jax.ops.context_parallel import CONTEXT_AXIS
 
 SECTIONS = ("data", "model", "optimizer", "mesh", "eval")
@@ -26,7 +28,9 @@ ROW_AXES = AXES[:2]  # the axes that split the batch's rows; CONTEXT_AXIS splits
 class TrainSettings:
     """Steps count optimizer updates: "step k" is the state after k updates, whose last batch was
     make_train_batch(data, seed, k - 1). Evaluation and checkpoints happen every *_every steps and
-    at the last step."""
+    at the last step. loss_normalization: how the training loss averages over target tokens
+    ("token": over the batch's, "row": over each row's first, then over rows; see
+    nsa_jax.models.mean_loss); validation loss is always per token."""
 
     name: str = "run"
     seed: int = 0
@@ -36,6 +40,7 @@ class TrainSettings:
     eval_batches: int = 8  # validation batches per corpus at each periodic evaluation
     checkpoint_every: int = 500
     max_to_keep: int = 2
+    loss_normalization: str = "token"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -44,6 +49,7 @@ class TrainSettings:
         for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                     "max_to_keep"):
             require_int(f"config {key}", getattr(self, key), 1)
+        require_choice("config loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +162,20 @@ def model_config(section) -> ModelConfig:
     values = dict(section.items())
     values["nsa"] = from_mapping(NSAConfig, values.get("nsa", {}), "model.nsa")
     return from_mapping(ModelConfig, values, "model")
+
+
+def full_attention_twin(config):
+    """A config file's ConfigDict of an NSA model -> the same with model.attention="full" and
+    model.mlp_hidden widened so that the parameter count is the nearest to the NSA model's (the
+    matched baseline of issue 21). Changes `config` in place and returns it."""
+    nsa = model_config(config.model)
+    if nsa.attention != "nsa":
+        raise ValueError(f"full_attention_twin needs a config with model.attention='nsa', got "
+                         f"{nsa.attention!r}")
+    config.model.attention = "full"
+    config.model.mlp_hidden = matching_mlp_hidden(dataclasses.replace(nsa, attention="full"),
+                                                  num_params(nsa))
+    return config
 
 
 def resolve(config) -> RunConfig:

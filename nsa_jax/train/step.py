@@ -7,6 +7,8 @@ layout never drifts between steps, checkpoints and resumes.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 from flax import nnx
@@ -15,14 +17,16 @@ from nsa_jax.models import mean_loss, token_losses
 from nsa_jax.train.sharding import replicated
 
 
-def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings):
+def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, shardings,
+                    loss_normalization: str = "token"):
     """(model_state, opt_state, batch) -> (model_state, opt_state, metrics); shardings:
-    (model, optimizer, batch)."""
+    (model, optimizer, batch); loss_normalization: mean_loss's normalization."""
+    loss_fn = functools.partial(mean_loss, normalization=loss_normalization)
 
     def train_step(model_state, opt_state, batch):
         model = nnx.merge(model_def, model_state)
         optimizer = nnx.merge(opt_def, opt_state)
-        (loss, gates), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model, batch)
+        (loss, gates), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
         optimizer.update(model, grads)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **gates}
         return nnx.state(model), nnx.state(optimizer), metrics

@@ -1,5 +1,6 @@
 """What a run writes into its workdir besides checkpoints and metrics: the resolved config
-(config.json, which nsa-eval reads back) and run_info.json (package versions, devices, command)."""
+(config.json, which nsa-eval reads back) and run_info.json (package versions, devices, command,
+source commit; rewritten by every chunk of a resumed run, so "started" is the last chunk's)."""
 from __future__ import annotations
 
 import datetime
@@ -7,6 +8,7 @@ import importlib.metadata
 import json
 import pathlib
 import platform
+import subprocess
 import sys
 import warnings
 
@@ -30,6 +32,20 @@ def package_versions() -> dict:
     return versions
 
 
+def source_commit() -> str | None:
+    """The git commit of the nsa_jax source tree ("+dirty" when tracked files have changed), or
+    None outside a git checkout (e.g. a copy of the tree on another machine)."""
+    root = pathlib.Path(nsa_jax.__file__).resolve().parents[1]
+    git = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                       text=True, check=True, timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def prepare_workdir(workdir, config: dict) -> None:
     """Create the workdir and record the config. If it already holds a run, refuse a config whose
     model section differs (its checkpoints would not fit) and warn about other changes."""
@@ -40,7 +56,7 @@ def prepare_workdir(workdir, config: dict) -> None:
         _compare(json.loads(path.read_text()), config, workdir)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     info = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": sys.argv, "python": platform.python_version(),
+            "command": sys.argv, "commit": source_commit(), "python": platform.python_version(),
             "packages": package_versions(), "backend": jax.default_backend(),
             "devices": [str(d.device_kind) for d in jax.devices()]}
     (workdir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -11,8 +11,6 @@ from nsa_jax.config import ModelConfig, NSAConfig
 from nsa_jax.data import VOCAB_SIZE, SyntheticExample, passkey_min_length
 from nsa_jax.eval.selection import selection_hits
 from nsa_jax.models import DecoderLM
-from nsa_jax.train import load_config_file, resolve
-from tests.helpers.runs import TINY
 
 # blocks of 8 tokens; block 0 and the query's own and previous block are always selected
 CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=4,
@@ -110,15 +108,42 @@ def test_grid_shapes(grid_result):
     assert per_layer["forced_cells"] == 4 and per_layer["cells"] == 6
 
 
-def test_report_writes_png_and_tables(grid_result, tmp_path):
-    (tmp_path / "retrieval.json").write_text(json.dumps(grid_result))
-    retrieval_report.report(tmp_path)
-    assert (tmp_path / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = (tmp_path / "report.md").read_text()
-    nsa = grid_result["nsa"]
-    assert f"{nsa['accuracy'][1][2]:.3f}" in text and "Layer 1 hit rate" in text
-    assert "Key digits right" in text
-    assert f"{nsa['selection']['per_layer']['forced_cells']} of 6 grid cells" in text
+def _seed_results(grid_result):
+    """{arm: {seed: retrieval.json}}: the random-init grids as seed 0, and as seed 1 with every
+    exact-match value 0.1 higher."""
+    results = {}
+    for arm in ("nsa", "full"):
+        common = {k: grid_result[k] for k in ("trained_length", "lengths", "depths", "examples")}
+        base = {**common, **grid_result[arm], "eval_seed": 0, "params": 1000, "step": 8}
+        shifted = {**base, "accuracy": (np.array(base["accuracy"]) + 0.1).tolist()}
+        results[arm] = {0: base, 1: shifted}
+    return results
+
+
+def test_summary_aggregates_seeds(grid_result):
+    results = _seed_results(grid_result)
+    text = "\n".join(retrieval_report.summary_table(results, "accuracy"))
+    by_length = np.mean(grid_result["nsa"]["accuracy"], axis=1)
+    row = next(line for line in text.splitlines() if line.startswith("| nsa |"))
+    first = f"{by_length[0] + 0.05:.3f} ± {np.std([0, 0.1], ddof=1):.3f}"
+    assert first in row and f"({by_length[0]:.3f}, {by_length[0] + 0.1:.3f})" in row
+    assert "| nsa | 0.001M | 0, 1 | 8 |" in row and "96 (1x)" in text and "128 (1.33x)" in text
+    table = "\n".join(retrieval_report.arm_table(results, "full", "digit_accuracy"))
+    assert f"{grid_result['full']['digit_accuracy'][1][2]:.3f}" in table
+    selection = "\n".join(retrieval_report.selection_tables(results, "nsa"))
+    assert "| 1 |" in selection and "4 of 6 cells are entirely forced" in selection
+
+
+def test_report_refuses_mixed_grids(grid_result, tmp_path):
+    results = _seed_results(grid_result)
+    results["full"][1]["examples"] = 7
+    for arm, seeds in results.items():
+        for seed, result in seeds.items():
+            (tmp_path / arm / f"seed{seed}").mkdir(parents=True)
+            (tmp_path / arm / f"seed{seed}" / "config.json").write_text("{}")
+            (tmp_path / arm / f"seed{seed}" / "retrieval.json").write_text(json.dumps(result))
+    with pytest.raises(ValueError, match="evaluated on different grids"):
+        retrieval_report.load_results(tmp_path)
 
 
 @pytest.mark.parametrize("lengths,depths,examples,match", [
@@ -133,21 +158,10 @@ def test_check_grid_names_the_bad_setting(lengths, depths, examples, match):
 
 
 def test_missing_runs_and_results_exit_with_a_message(tmp_path):
-    with pytest.raises(SystemExit, match="no nsa run in .*train first"):
+    with pytest.raises(SystemExit, match="no runs in .*train first"):
         retrieval.main(["eval", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="retrieval.json not found: run .* eval"):
+    with pytest.raises(SystemExit, match="no OUT/<config>/seed<k>/retrieval.json .* eval"):
         retrieval.main(["report", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="config file .*nope.py not found"):
-        retrieval.main(["train", "--config", str(tmp_path / "nope.py"), "--out", str(tmp_path)])
-
-
-def test_runs_must_be_twins():
-    config = load_config_file(TINY)
-    nsa = resolve(config)
-    config.model.attention = "full"
-    retrieval.check_twins(nsa, resolve(config))
-    config.seed = 1
-    with pytest.raises(ValueError, match="differ in their train settings"):
-        retrieval.check_twins(nsa, resolve(config))
-    with pytest.raises(ValueError, match="model.attention nsa and full"):
-        retrieval.check_twins(nsa, nsa)
+        retrieval.main(["train", "--configs", str(tmp_path / "nope.py"), "--out", str(tmp_path)])
+    assert not (tmp_path / "commands.jsonl").exists()  # failed commands are not recorded

@@ -94,12 +94,14 @@ def test_compressed_keys_are_rotated_at_window_start(compressor):
     np.testing.assert_allclose(v_cmp, expected_v, rtol=1e-5, atol=1e-5)
 
 
-def test_gates_start_with_window_branch_dominant():
-    cfg = tiny_model_config(2)
+@pytest.mark.parametrize("biases", [None, (0.0, 0.0, 0.0), (1.5, -3.0, 0.25)])
+def test_gates_start_at_sigmoid_of_the_configured_bias(biases):
+    """None: the default, (-2, -2, 2), which starts the window branch dominant."""
+    cfg = tiny_model_config(2, **({} if biases is None else {"gate_bias_init": biases}))
     gates = NSAAttention(cfg, rngs=nnx.Rngs(0)).gates(_normal(7, (2, 5, cfg.d_model)))
     assert gates.shape == (2, 5, cfg.num_heads, 3)
-    np.testing.assert_allclose(gates, jnp.broadcast_to(jax.nn.sigmoid(jnp.array([-2., -2., 2.])),
-                                                       gates.shape), rtol=1e-6)
+    expected = jax.nn.sigmoid(jnp.array((-2.0, -2.0, 2.0) if biases is None else biases))
+    np.testing.assert_allclose(gates, jnp.broadcast_to(expected, gates.shape), rtol=1e-6)
 
 
 @pytest.mark.parametrize("group_size", [1, 2])

@@ -9,7 +9,7 @@ from flax import nnx
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
 from nsa_jax.layers import document_positions
-from nsa_jax.models import DecoderLM, num_params
+from nsa_jax.models import DecoderLM, matching_mlp_hidden, num_params
 from tests.helpers.models import jitted_forward, tiny_model_config
 
 KINDS = ("nsa", "full", "window")
@@ -62,6 +62,18 @@ def test_parameter_count_matches_formula(overrides):
     model = DecoderLM(cfg, rngs=nnx.Rngs(0))
     counted = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert counted == num_params(cfg)
+
+
+@pytest.mark.parametrize("compressor", ["mean", "linear", "mlp"])
+def test_matching_mlp_hidden_gives_the_nearest_count(compressor):
+    nsa = tiny_model_config(compressor=compressor)
+    full = tiny_model_config(attention="full")
+    hidden = matching_mlp_hidden(full, num_params(nsa))
+    counts = [num_params(tiny_model_config(attention="full", mlp_hidden=h))
+              for h in (hidden - 1, hidden, hidden + 1)]
+    assert abs(counts[1] - num_params(nsa)) == min(abs(c - num_params(nsa)) for c in counts)
+    with pytest.raises(ValueError, match="no mlp_hidden >= 1 gives full attention 10 parameters"):
+        matching_mlp_hidden(full, 10)
 
 
 @pytest.mark.parametrize("kind", KINDS)

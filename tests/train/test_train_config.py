@@ -38,8 +38,11 @@ def test_override_of_wrong_type_is_an_error():
 
 @pytest.mark.parametrize("key, value, message", [
     ("steps", 0, "steps must be an int >= 1"),
+    ("loss_normalization", "document", r"loss_normalization must be one of \('token', 'row'\)"),
     ("model.attention", "sparse", "attention must be one of"),
     ("model.nsa.num_selected", 2, "num_selected"),
+    ("model.gate_bias_init", (0.0, 0.0), r"gate_bias_init must be 3 numbers \(cmp, slc, win\)"),
+    ("model.gate_bias_init", (0.0, float("inf"), 0.0), "gate_bias_init must be a number"),
     ("optimizer.learning_rate", -1.0, "learning_rate"),
     ("optimizer.warmup_steps", 8, "warmup_steps"),
     ("data.corpora", "wikipedia", "allowed names"),

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from nsa_jax.data import make_train_batch
-from nsa_jax.train import Interrupted, TrainingDiverged, loop, train
+from nsa_jax.models import mean_loss
+from nsa_jax.train import Interrupted, TrainingDiverged, loop, resolve, train
+from nsa_jax.train.trained_run import new_model
 from tests.helpers.runs import losses, tiny_run_config
 
 
@@ -89,3 +91,17 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
     assert stop.value.exit_code == 128 + signal.SIGTERM
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4]
     assert max(losses(tmp_path)) == 4
+
+
+def test_row_normalization_is_the_loss_the_trainer_minimises(tmp_path):
+    """Step 1's logged loss is the initial model's loss on batch 0, averaged by rows as asked."""
+    config = tiny_run_config(steps=1, loss_normalization="row", **{
+        "optimizer.warmup_steps": 0, "data.passkey_prob": 0.5, "data.mqar_prob": 0.25,
+        "data.mqar_num_pairs": 2, "data.batch_size": 4, "data.seq_len": 96})
+    train(config, tmp_path)
+    run = resolve(config)
+    batch = make_train_batch(run.data, run.train.seed, 0)
+    assert batch["loss_mask"].sum(1).min() < 25 < batch["loss_mask"].sum(1).max()  # mixed rows
+    expected = {norm: float(mean_loss(new_model(run), batch, norm)[0]) for norm in ("row", "token")}
+    assert losses(tmp_path)[1] == pytest.approx(expected["row"], rel=1e-5)
+    assert abs(expected["row"] - expected["token"]) > 1e-3
