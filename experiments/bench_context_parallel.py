@@ -43,11 +43,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from nsa_jax import NSAConfig, ops
-from nsa_jax.ops.context_parallel import CONTEXT_AXIS, LAYOUTS, from_layout, to_layout
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nsa_jax import NSAConfig, ops  # noqa: E402
+from nsa_jax.ops.context_parallel import (CONTEXT_AXIS, LAYOUTS, from_layout,  # noqa: E402
+                                          to_layout)
+
 HQ, HKV, D = 64, 4, 128  # the paper shape (experiments/bench_kernels.py SHAPES["paper"])
+ERROR_NAMES = ("out", "dq", "dk", "dv", "dgates")  # what the check compares
 
 
 def mesh_of(devices: int):
@@ -128,8 +132,6 @@ def check(length: int, devices: int, layouts, tolerance: float) -> list[dict]:
                          + check_table(rows))
     return rows
 
-
-ERROR_NAMES = ("out", "dq", "dk", "dv", "dgates")
 
 
 def check_table(rows: list[dict]) -> str:

@@ -14,11 +14,15 @@ and a device's count is the sum over the positions its chunks hold.
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 
 import numpy as np
 
-from nsa_jax import NSAConfig
-from nsa_jax.ops.context_parallel import LAYOUTS, layout_order
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from nsa_jax import NSAConfig  # noqa: E402
+from nsa_jax.ops.context_parallel import LAYOUTS, layout_order  # noqa: E402
 
 
 def visible_per_query(length: int, cfg: NSAConfig) -> dict[str, np.ndarray]:
