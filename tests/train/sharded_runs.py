@@ -72,6 +72,18 @@ def pallas_under_mesh() -> dict:
     return {"shard_map": per_device, "max_rel_error": error}
 
 
+def context_split_in_trainer_mesh() -> bool:
+    """Whether nsa_attention under the context run's mesh (data=2 x fsdp=2 x context=2, as the
+    trainer sets it) traces a shard_map that all-gathers over "context"."""
+    x = jnp.zeros((4, 64, 2, 16))
+    gates = jnp.zeros((4, 64, 2, 3))
+    with jax.set_mesh(make_mesh(MeshSettings(data=2, fsdp=2, context=2))):
+        trace = str(jax.make_jaxpr(lambda x, gates: ops.nsa_attention(
+            x, x, x, gates, NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                                      num_selected=4, window=16), implementation="xla"))(x, gates))
+    return "shard_map" in trace and "all_gather" in trace and "context" in trace
+
+
 def main(root: pathlib.Path) -> None:
     share_compilations(root / "jax_cache")
     results = {}
@@ -82,6 +94,7 @@ def main(root: pathlib.Path) -> None:
     results["eight_on_one"] = resume_on(root / "eight", root / "eight_on_one", 1, 1)
     results["eight_on_four"] = resume_on(root / "eight", root / "eight_on_four", 1, 4)
     results["pallas"] = pallas_under_mesh()
+    results["context_split"] = context_split_in_trainer_mesh()
     try:
         train(config(2, 4, **{"data.batch_size": 12}), root / "bad_batch")
     except ValueError as error:

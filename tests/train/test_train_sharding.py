@@ -47,6 +47,7 @@ def test_eight_devices_follow_the_one_device_loss_trajectory(runs):
 
 def test_context_parallel_run_follows_the_one_device_loss_trajectory(runs):
     """data=2 x fsdp=2 x context=2: nsa_attention splits every sequence over 2 devices."""
+    assert runs["context_split"]
     np.testing.assert_allclose(as_array(runs["context"], range(1, 7)),
                                as_array(runs["one"], range(1, 7)), rtol=RTOL)
 
