@@ -7,7 +7,9 @@ of one batch may hold different numbers of tokens (`CacheState.lengths`). Per la
                                               rounded up to a multiple of select_block.
                                               For kind "window" a ring of R slots instead.
   "nsa"       k_cmp, v_cmp    [B, C, Hkv, D]  compressed token i in slot i (k_cmp rotated at i*d),
-                                              C = S // d rounded up to a multiple of 16
+                                              C = S // d rounded up to a multiple of
+                                              min(128, its next power of 2): whole tiles
+                                              of the decode kernels' compressed pass
               pending_k/_v    [B, l, Hkv, D]  raw pre-RoPE K/V that phi compresses (the
                                               compression branch's own with separate K/V): ring of
                                               the last l tokens, token p in slot p % l
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 
 from nsa_jax.config import ModelConfig, require_int
 
-COMPRESSED_ALIGN = 16  # compressed slots come in tiles of 16 for the decode kernel
+COMPRESSED_TILE = 128  # the decode kernels' largest compressed tile
 
 
 class CacheState(NamedTuple):
@@ -45,7 +47,9 @@ def cache_sizes(cfg: ModelConfig, max_len: int) -> dict:
     require_int("max_len", max_len, 1)
     nsa = cfg.nsa
     full = _round_up(max_len, nsa.select_block)
-    return {"full": full, "compressed": _round_up(full // nsa.compress_stride, COMPRESSED_ALIGN),
+    compressed = full // nsa.compress_stride
+    align = min(COMPRESSED_TILE, 1 << max(0, (compressed - 1).bit_length()))
+    return {"full": full, "compressed": _round_up(compressed, align),
             "ring": min(full, _round_up(nsa.window, nsa.select_block)),
             "pending": nsa.compress_block}
 

@@ -3,6 +3,7 @@ parameters: NSAAttention (three branches over the cache of `cache.py`) and Dense
 ("full" / "window")."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from nsa_jax.generation.cache import write_ring, write_slots
@@ -41,7 +42,8 @@ def step_layer(attn, x, position, cache: dict, implementation=None):
     if not isinstance(attn, NSAAttention):
         q, k, v = attn.project(x, pos)
         _write_kv(cache, ("k", "v"), (k, v), pos, position + 1)
-        o = dense_decode_attention(q[:, 0], cache["k"], cache["v"], position, window=attn.window)
+        o = dense_decode_attention(q[:, 0], cache["k"], cache["v"], position, window=attn.window,
+                                   implementation=implementation)
         return attn.out(o.reshape(batch, 1, -1)), cache
     p = attn.project(x, pos)
     _write_kv(cache, ("k", "v"), (p.k, p.v), pos, position + 1)
@@ -65,13 +67,22 @@ def _write_kv(cache, names, values, positions, lengths):
 
 def _append_compressed(attn, cache, position):
     """Compressed token i = (t + 1 - l) / d is complete when its last raw token t arrives: phi of
-    the pending window [t - l + 1, t], rotated at i*d, goes to slot i before t attends."""
+    the pending window [t - l + 1, t], rotated at i*d, goes to slot i before t attends. A
+    sequence completes one every d steps, so phi runs under lax.cond (on GPU a conditional node
+    of the step's CUDA graph): most steps skip its gather and matmuls."""
     l, d = attn.cfg.nsa.compress_block, attn.cfg.nsa.compress_stride
     index = jnp.maximum(position + 1 - l, 0) // d
     complete = (position + 1 >= l) & ((position + 1 - l) % d == 0)
     order = (position[:, None] - l + 1 + jnp.arange(l, dtype=jnp.int32)) % l
-    window = [jnp.take_along_axis(cache[name], order[:, :, None, None], axis=1)
-              for name in ("pending_k", "pending_v")]
-    k_new, v_new = attn.compress(*window, offset=(index * d)[:, None])
-    for name, value in (("k_cmp", k_new), ("v_cmp", v_new)):
+
+    def compress(pending):
+        window = [jnp.take_along_axis(x, order[:, :, None, None], axis=1) for x in pending]
+        return attn.compress(*window, offset=(index * d)[:, None])
+
+    def nothing(pending):
+        return tuple(jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(compress, pending))
+
+    new = jax.lax.cond(jnp.any(complete), compress, nothing,
+                       (cache["pending_k"], cache["pending_v"]))
+    for name, value in zip(("k_cmp", "v_cmp"), new):
         cache[name] = write_slots(cache[name], value, index[:, None], complete[:, None])

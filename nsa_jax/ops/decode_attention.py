@@ -31,10 +31,12 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     scale defaults to 1/sqrt(Dk).
 
     implementation: "reference" (dense masks over the cache, float32), "xla", "pallas" (the
-    Triton decode kernels on CPU in interpret mode, GPU and Hopper, for bf16/f16/f32 caches with
-    power-of-two head dims, select_block >= 16 and a compressed cache of whole kernel tiles; xla
-    otherwise and on TPU) or None (pallas on GPU/TPU, xla on CPU); ops.dispatch.TABLE. Raises
-    ValueError for bad arguments.
+    Triton decode kernels, four launches split over the cache, on CPU in interpret mode, GPU and
+    Hopper, for bf16/f16/f32 caches with power-of-two head dims, select_block >= 16 and a
+    compressed cache of whole kernel tiles of >= 16 selection blocks (generation.cache lays it
+    out so); xla otherwise and on TPU; pallas_kernels.gpu.mosaic.decode_attention is the same
+    with a Mosaic GPU compressed pass) or None (pallas on GPU/TPU, xla on CPU);
+    ops.dispatch.TABLE. Raises ValueError for bad arguments.
     """
     validation.check_config(cfg)
     if (k_win is None) != (v_win is None):
@@ -62,17 +64,33 @@ def nsa_decode_attention(q, k, v, k_cmp, v_cmp, gates, position, cfg: NSAConfig,
     return (out, aux) if return_aux else out
 
 
-def dense_decode_attention(q, k, v, position, *, window=None, scale=None):
+def dense_decode_attention(q, k, v, position, *, window=None, scale=None, implementation=None):
     """Causal GQA attention of one new query per sequence: q [B, Hq, Dk] over a full cache or a
     ring k/v [B, R, Hkv, D] -> [B, Hq, Dv]; all keys [0, t] (window=None, needs R > t) or the
-    last `window` keys [t - window + 1, t]."""
+    last `window` keys [t - window + 1, t].
+
+    implementation: "xla" (dense masks over the cache; also what "reference" runs), "pallas"
+    (cuDNN's fused attention with per-sequence key counts on GPU for 16-bit caches, window=None
+    and equal head dims <= 256; xla otherwise) or None (pallas on GPU, xla elsewhere);
+    ops.dispatch.TABLE. Raises ValueError for bad arguments."""
     b, _, dk = _check_query(q)
     _check_cache(q, k, v, ("k", "v"))
     _check_position(position, b)
-    scale = validation.default_scale(scale, dk)
+    return dispatch.run("dense_decode", implementation, q, k, v, position, window=window,
+                        scale=validation.default_scale(scale, dk))
+
+
+def dense_decode_xla(q, k, v, position, *, window, scale):
     if window is None:
         return _attend_all(q, k, v, jnp.arange(k.shape[1]) <= position[:, None], scale)[0]
     return _attend(q, k, v, *window_slots(position, window, k.shape[1]), scale)
+
+
+def dense_decode_cudnn(q, k, v, position, *, window, scale):
+    """cuDNN's fused attention of the one query over keys [0, t] (window=None only)."""
+    return jax.nn.dot_product_attention(q[:, None], k, v, scale=scale,
+                                        key_value_seq_lengths=position.astype(jnp.int32) + 1,
+                                        implementation="cudnn")[:, 0]
 
 
 def _check_query(q):
@@ -113,16 +131,23 @@ def selected_slots(indices, position, cfg: NSAConfig):
     return jnp.maximum(key, 0).reshape(b, hkv, n * lp), use.reshape(b, hkv, n * lp)
 
 
-def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int):
-    """Top-n selection blocks [B, Hkv, n] from the compressed logits [B, Hkv, G, C] (any value
-    where invisible) and their log-sum-exp [B, Hkv, G], exactly as ops.select_blocks scores them:
-    probabilities summed over the group, spread over the blocks by overlap, forced blocks."""
+def decode_block_scores(logits, lse, position, cfg: NSAConfig, num_blocks: int):
+    """Selection-block scores [B, Hkv, NB] float32 from the compressed logits [B, Hkv, G, C] (any
+    value where invisible) and their log-sum-exp [B, Hkv, G], exactly as ops.block_scores scores
+    them: probabilities summed over the group, spread over the blocks by overlap."""
     c = logits.shape[-1]
     visible = (jnp.arange(c) < cfg.num_visible_compressed(position)[:, None])[:, None, None]
     visible &= jnp.isfinite(lse)[..., None]
     probs = jnp.exp(jnp.where(visible, logits - jnp.where(visible, lse[..., None], 0.0), -jnp.inf))
     scores = overlap_to_blocks(jnp.sum(probs, axis=2)[:, :, None], None, cfg, num_blocks)
-    return top_n(jnp.moveaxis(scores, 1, 2).astype(jnp.float32), position[:, None], cfg)[:, 0]
+    return scores[:, :, 0].astype(jnp.float32)
+
+
+def select_decode_blocks(logits, lse, position, cfg: NSAConfig, num_blocks: int):
+    """Top-n selection blocks [B, Hkv, n] of `decode_block_scores`, forced blocks included, as
+    ops.select_blocks chooses them."""
+    scores = decode_block_scores(logits, lse, position, cfg, num_blocks)
+    return top_n(scores[:, None], position[:, None], cfg)[:, 0]
 
 
 def group_queries(q, kv_heads: int):

@@ -76,9 +76,19 @@ def tpu_dtype(q, *args, **kwargs) -> bool:
 def cudnn_window_fits(q, k, v, cfg, *, segment_ids=None, scale=None) -> bool:
     """cuDNN's fused attention: 16-bit inputs, Dk == Dv a multiple of 8 up to 256, and no packed
     documents (jax.nn.dot_product_attention has no segment ids)."""
+    return segment_ids is None and _cudnn_dims(q, k, v)
+
+
+def cudnn_decode_fits(q, k, v, position, *, window=None, scale=None) -> bool:
+    """cuDNN's fused attention for one query over a full cache: 16-bit inputs, Dk == Dv a
+    multiple of 8 up to 256, no window."""
+    return window is None and _cudnn_dims(q, k, v)
+
+
+def _cudnn_dims(q, k, v) -> bool:
     dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
-    return (segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16) and len(dims) == 1
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and len(dims) == 1 and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256)
 
 
 def mosaic_range_fits(*args, **kwargs) -> bool:
@@ -222,6 +232,19 @@ TABLE = {
             "hopper": [(triton_decode_fits, TRITON + "decode_attention:nsa_decode_attention"),
                        (always, DEC + "nsa_decode_xla")],
             "tpu": DEC + "nsa_decode_xla",
+        },
+    },
+    "dense_decode": {
+        None: FASTEST,
+        "reference": {"*": DEC + "dense_decode_xla"},  # dense masks over the cache already
+        "xla": {"*": DEC + "dense_decode_xla"},
+        "pallas": {
+            "cpu": DEC + "dense_decode_xla",  # cuDNN needs a GPU
+            "gpu": [(cudnn_decode_fits, DEC + "dense_decode_cudnn"),
+                    (always, DEC + "dense_decode_xla")],
+            "hopper": [(cudnn_decode_fits, DEC + "dense_decode_cudnn"),
+                       (always, DEC + "dense_decode_xla")],
+            "tpu": DEC + "dense_decode_xla",
         },
     },
 }

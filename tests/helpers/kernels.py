@@ -22,6 +22,22 @@ def export_for_cuda(fn, *shapes):
             export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
 
 
+# Decode lowering shapes: the paper's (Hq=64, Hkv=4, D=128) at 64k context with batch 1 and 32,
+# and the small model's (configs/small_nsa.py: G = 4, D = 64) at batch 8 with room for new tokens.
+DECODE_SHAPES = [(1, 64, 4, 128, 0), (32, 64, 4, 128, 0), (8, 8, 2, 64, 128)]
+
+
+def decode_specs(batch, hq, hkv, d, extra):
+    """bfloat16 ShapeDtypeStructs of a decode call's (q, k, v, k_cmp, v_cmp, gates, position) over
+    a cache of 65536 + extra slots laid out as nsa_jax.generation.cache does (paper NSAConfig)."""
+    slots = 65536 + extra
+    compressed = -(-(slots // 16) // 128) * 128
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    return (bf16(batch, hq, d), bf16(batch, slots, hkv, d), bf16(batch, slots, hkv, d),
+            bf16(batch, compressed, hkv, d), bf16(batch, compressed, hkv, d),
+            bf16(batch, hq, 3), jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+
 class CompiledOrInterpreted:
     INTERPRET = False
     BACKENDS = ("gpu", "hopper")  # where the compiled class runs; Mosaic GPU kernels: hopper only

@@ -75,6 +75,12 @@ def test_conditional_fallbacks():
     assert selected(f16, "gpu").endswith("_xla") and selected(half, "cpu").endswith("_xla")
     for op in ("compressed_attention", "select", "selected_attention", "nsa_decode"):
         assert dispatch.choose(op, "pallas", (wide,), {}, on="gpu").endswith("_xla"), op
+    one = half[:, 0]  # one query per sequence over the cache `half`
+    dense = lambda q, on="hopper", **kw: dispatch.choose(
+        "dense_decode", None, (q, half, half, jnp.zeros((1,), jnp.int32)), kw, on=on)
+    assert dense(one) == dispatch.DEC + "dense_decode_cudnn"
+    assert dense(one, window=8).endswith("_xla") and dense(one, on="cpu").endswith("_xla")
+    assert dense(one.astype(jnp.float32)).endswith("_xla")
 
 
 def test_ops_import_no_kernel_until_pallas_is_asked_for():

@@ -307,14 +307,6 @@ def _sync(barrier):
     plgpu.barrier_wait(barrier)
 
 
-def _narrow_smem(shape, dtype):
-    """SMEM in the 32-byte swizzle: a wgmma operand whose K dimension (psum's kb + X columns, W's
-    rows) is a multiple of 16 only; wgmma takes K in steps of one swizzle width."""
-    cols = 32 // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)),
-                                                plgpu.SwizzleTransform(32)))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Everything the kernel body needs at trace time."""
@@ -554,10 +546,10 @@ def _scores_call(st: _Static, q, k_pad, lse2, w, rows, leaders, counts, query_st
     def entry(*refs):
         smem = (common.tiled_smem((tiling.q_stages, BLOCK_ROWS, dk), dtype),
                 common.tiled_smem((COMPUTE_WGS * tiling.k_stages, geo.width, dk), dtype),
-                _narrow_smem((geo.width, geo.blocks), jnp.bfloat16),
+                common.narrow_smem((geo.width, geo.blocks), jnp.bfloat16),
                 plgpu.SMEM((st.group, BLOCK_ROWS), jnp.float32),
                 plgpu.SMEM((COMPUTE_WGS, BLOCK_ROWS, geo.blocks), jnp.float32),
-                _narrow_smem((COMPUTE_WGS, BLOCK_ROWS, geo.width), jnp.bfloat16)
+                common.narrow_smem((COMPUTE_WGS, BLOCK_ROWS, geo.width), jnp.bfloat16)
                 if st.interpret else None)
         ring = lambda n, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
         k_ring = COMPUTE_WGS * tiling.k_stages

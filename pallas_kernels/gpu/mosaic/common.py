@@ -53,6 +53,14 @@ def tiled_smem(shape, dtype):
                                                 plgpu.SwizzleTransform(SWIZZLE)))
 
 
+def narrow_smem(shape, dtype):
+    """SMEM in the 32-byte swizzle: a wgmma operand whose K dimension is a multiple of 16 only (or
+    whose rows are 16..63 16-bit elements wide); wgmma takes K in steps of one swizzle width."""
+    cols = 32 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)),
+                                                plgpu.SwizzleTransform(32)))
+
+
 def matmul(a, b, shape):
     """A fresh float32 product a @ b of `shape` [M, N]: a an SMEM ref [M, K], b an SMEM ref [K, N]
     (either may be a `.transpose((1, 0))` view)."""

@@ -40,9 +40,16 @@ def check_dtypes(names: str, arrays, dtypes=DTYPES) -> None:
                          f" got {[x.dtype.name for x in arrays]}")
 
 
-def scores(q, k, scale: float):
+def dot_precision(dtype):
+    """HIGHEST (IEEE float32) for float32 operands, which Triton would otherwise round to TF32;
+    the default for 16-bit ones."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def scores(q, k, scale: float, precision=None):
     """q [rows, D] @ k [keys, D]^T * scale, float32."""
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32)
     return s * scale
 
 
@@ -57,15 +64,21 @@ def empty_softmax(rows: int, dv: int):
             jnp.zeros((rows, 1), jnp.float32))
 
 
-def online_softmax_step(carry, q, k, v, mask, scale: float):
-    """One key tile of flash attention: (acc, m, l) updated with the keys k, v where `mask`."""
+def softmax_update(carry, s, mask, v, precision=None):
+    """One key tile of flash attention from its logits s [rows, keys] (any finite value where not
+    `mask`): (acc, m, l) updated with the values v."""
     acc, m, l = carry
-    s = jnp.where(mask, scores(q, k, scale), MASKED)
+    s = jnp.where(mask, s, MASKED)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
-    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = jnp.dot(p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
     return acc * alpha + pv, m_new, l * alpha + p.sum(axis=1, keepdims=True)
+
+
+def online_softmax_step(carry, q, k, v, mask, scale: float):
+    """One key tile of flash attention: (acc, m, l) updated with the keys k, v where `mask`."""
+    return softmax_update(carry, scores(q, k, scale), mask, v)
 
 
 def softmax_result(acc, m, l):
