@@ -25,13 +25,15 @@ model.implementation xla and with the default (pallas); tokens/s = mean of the l
 after the first log window; scaling efficiency = tokens/s on N GPUs / (N x tokens/s on one).
 
 --quick: op at 16384 and 65536 (one GPU at 16384), train at 16384 for 6 steps: minutes, to check
-that everything runs before the long measurement. Prints markdown tables; --out also writes them.
+that everything runs before the long measurement. Prints markdown tables; --out (default
+$OUT/bench_context_parallel.md when $OUT is set) also writes them.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import pathlib
 import statistics
 import subprocess
@@ -225,7 +227,9 @@ def main() -> None:
     parser.add_argument("--train-length", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--out", type=pathlib.Path, default=(  # $OUT: the device machine's
+        pathlib.Path(os.environ["OUT"]) / "bench_context_parallel.md" if "OUT" in os.environ
+        else None))
     args = parser.parse_args()
     if args.quick:
         args.op_lengths, args.one_gpu_lengths, args.train_length, args.steps = (
