@@ -1,54 +1,84 @@
 """Block scoring + top-n on the H200 (issue 16): the Mosaic GPU block-score kernel
-(pallas_kernels.gpu.mosaic.block_scores) followed by the rank-key top-n (nsa_jax.selection_rule),
-against the fused Triton kernel (pallas_kernels.gpu.select_blocks), paper hyper-parameters
+(pallas_kernels.gpu.mosaic.block_scores) and the Triton top-n (pallas_kernels.gpu.top_n), as the
+dispatch table's "select" cell runs them (block_scores.select), paper hyper-parameters
 (l=32, d=16, l'=64, n=16), bf16, B=1, D=128.
 
-Run on a GPU:  python experiments/bench_select.py [--quick] [--reps 20]
-1. Correctness first, at every timed shape: Mosaic scores against the xla path's
-   (ops.block_scores(..., implementation="xla")), then the Mosaic selection against
-   ops.select_blocks of the xla scores. Rows whose sets differ must be provable near-ties: the
-   blocks only one side chose score within TIE_TOLERANCE (relative to the row's largest score)
-   of each other in both score arrays. Counts are printed; exit 1 on any other difference.
-   The Triton top-n kernel (pallas_kernels.gpu.top_n) and scoring in two query chunks (a traced
-   query_start) must pick exactly the blocks of lax.top_k on the whole sequence's scores.
-2. Timing (median of --reps after warm-up): Mosaic scores (with and without the warpgroup
-   ping-pong), the top-n alone (rank keys + lax.top_k; the Triton top-n kernel), scores + each
-   top-n, and the current fused Triton kernel; TFLOP/s of the recomputed Q·K_cmpᵀ =
-   2 * visible (position, head, slot) pairs * D / time; peak memory (XLA's compiled estimate) at
-   64k, whole sequence and 8192-query chunks.
-Targets: <= 0.5 ms at 8k and <= 6 ms at 64k (paper shape), the small-group shape within 1.5x.
---quick: the paper shape at 8k only. With $OUT set, results go to $OUT/bench_select.json.
---smoke: the script's CPU self-test: a tiny shape, Mosaic and top-n kernels in interpret mode
-(timings meaningless; the compiled Triton fused kernel fails there and is reported).
+Run on a GPU, one device call:  python -m experiments.bench_select [--quick] [--budget-s S]
+The full run covers T=8192 and 65536 at the paper (Hq=64, Hkv=4) and small-group (32, 8) shapes
+and stops starting timings after 100 s (about 2 minutes in all); --quick: the paper shape at
+T=8192 only, 30 s of budget (under 45 s in all).
+1. Checks first, at every shape; exit 1 before any timing if one fails:
+   - the Mosaic scores against the xla path's (ops.block_scores(..., implementation="xla")):
+     relative error < 1e-4, all finite;
+   - the selection from the Mosaic scores (lax.top_k on the rank keys) against
+     ops.select_blocks of the xla scores: rows whose sets differ must be provable near-ties (the
+     blocks only one side chose score within TIE_TOLERANCE, relative to the row's largest score,
+     of each other in both score arrays);
+   - the Triton top-n, both schemes, and block_scores.select in two query chunks must pick
+     exactly the blocks of lax.top_k on the whole sequence's Mosaic scores.
+2. Timings (experiments.timing.device_ms: back-to-back calls, one block), most important first;
+   once `--budget-s` seconds have passed, the remaining items are skipped and listed:
+   a. per shape, the production path: the scores (default tiling), the top-n (default scheme,
+      causal widths) and `select`, the two together, with the issue-16 targets;
+   b. at T=65536, then 8192: the score kernel's schedules (ScoreTiling.schedule; each checked
+      against the default's scores) and the top-n variants (each checked against lax.top_k);
+   c. the old fused Triton kernel (pallas_kernels.gpu.triton.select_blocks) and the top-n by
+      lax.top_k;
+   d. peak memory (XLA's compiled estimate) of `select` at 64k, whole sequence vs 8192-query
+      chunks.
+   TFLOP/s: of the recomputed Q·K_cmpᵀ, 2 * visible (position, head, slot) pairs * D / time.
+With $OUT set, results go to $OUT/bench_select.json (rewritten after every section).
+--smoke: the script's CPU self-test: a tiny shape, every kernel in interpret mode, one non-default
+schedule (timings meaningless).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_kernels import median_ms
-from nsa_jax import NSAConfig, ops
-from nsa_jax import layout
+from experiments.timing import device_ms
+from nsa_jax import NSAConfig, layout, ops
 from nsa_jax.selection_rule import chosen_blocks, rank_keys, select_top_n
 from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.mosaic import block_scores as mosaic
 
 CFG = NSAConfig()
 SHAPES = {"paper": (64, 4), "small-group": (32, 8)}  # (Hq, Hkv)
+LENGTHS = (8192, 65536)
 TARGET_MS = {8192: 0.5, 65536: 6.0}
 SMALL_GROUP_FACTOR = 1.5
 TIE_TOLERANCE = 1e-5  # two float32 computations of one score differ by ~1e-6 relative
+SCORE_VARIANTS = {  # label -> ScoreTiling.for_shape keywords; the first is the default
+    "free (default)": {},
+    "alternate": dict(schedule="alternate"),
+    "pipeline": dict(schedule="pipeline"),
+    "pipeline, 64 slots": dict(schedule="pipeline", slots=64),
+    "ping_pong (old)": dict(schedule="ping_pong"),
+}
+TOP_N_VARIANTS = {  # label -> triton_top_n keywords; the first is the default
+    "groups (default)": {},
+    "groups, 16384 elements x 8 warps": dict(block_elems=16384, num_warps=8),
+    "rounds": dict(scheme="rounds"),
+    "rounds, whole rows (old kernel)": dict(scheme="rounds", causal=False),
+}
 INTERPRET = False  # --smoke
-TOTAL = "mosaic scores + lax.top_k"
+TIMING = dict(samples=5, min_sample_ms=25.0)
+START = time.monotonic()
+RESULTS = dict(checks=[], timings=[], targets=[], skipped=[])
+
+
+def device():
+    """Interpret mode (--smoke) needs the abstract Hopper device around tracing and running."""
+    return mosaic.common.abstract_hopper() if INTERPRET else contextlib.nullcontext()
 
 
 def problem(t, hq, hkv, d=128, seed=0):
@@ -58,44 +88,50 @@ def problem(t, hq, hkv, d=128, seed=0):
     k = jax.random.normal(keys[1], (1, t, hkv, d), jnp.bfloat16)
     v = jax.random.normal(keys[2], (1, t, hkv, d), jnp.bfloat16)
     k_cmp, v_cmp = ops.compress(k, CFG), ops.compress(v, CFG)
-    _, lse = jax.jit(lambda *a: ops.compressed_attention(*a, CFG))(q, k_cmp, v_cmp)
+    impl = "xla" if INTERPRET else None
+    _, lse = jax.jit(lambda *a: ops.compressed_attention(*a, CFG, implementation=impl))(
+        q, k_cmp, v_cmp)
     start = layout.compressed_layout(None, 1, t, CFG).start
     doc = layout.document_starts(None, 1, t)
     return q, k_cmp, lse, start, doc, jnp.arange(t)[None, :] - doc
 
 
-def mosaic_scores(q, k_cmp, lse, start, doc, chunk_start=0, chunk=None, tiling=None):
-    return mosaic.block_scores(q, k_cmp, lse, start, doc, CFG, query_start=chunk_start,
-                               num_queries=chunk, tiling=tiling, interpret=INTERPRET)
+def tiling_of(q, hkv, **kwargs):
+    return mosaic.ScoreTiling.for_shape(CFG, q.shape[-1], q.shape[2] // hkv, q.dtype, **kwargs)
 
 
-def kernel_top_n(scores, local):
-    """The Triton top-n (rank keys computed in the kernel) of scores [B, H, C, NB] for queries
-    at document-relative positions local [B, C]: [B, H, C, n]."""
+@functools.partial(jax.jit, static_argnames=("tiling",))
+def scores_fn(q, k_cmp, lse, start, doc, tiling=None):
+    """Mosaic block scores [B, Hkv, T, NB] of the whole sequence."""
+    return mosaic.block_scores(q, k_cmp, lse, start, doc, CFG, tiling=tiling,
+                               interpret=INTERPRET)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "causal", "block_elems", "num_warps"))
+def triton_top_n(scores, local, scheme="groups", causal=True, block_elems=8192, num_warps=4):
+    """The Triton top-n of scores [B, H, T, NB] for queries at document-relative positions
+    local [B, T] (rank keys in the kernel; causal: rows read to their visible width):
+    [B, H, T, n] as chosen_blocks gives them."""
     b, h, c, nb = scores.shape
-    rows = jnp.broadcast_to(local[:, None, :], (b, h, c)).reshape(-1)
-    keys, ids = top_n.top_n(scores.reshape(-1, nb), rows, CFG.num_selected,
-                            lambda s, p: rank_keys(s, p, CFG), interpret=INTERPRET)
+    pos = jnp.broadcast_to(local[:, None, :], (b, h, c)).reshape(b * h, c)
+    width_of = (lambda end: (end - 1) // CFG.select_block + 1) if causal else None
+    keys, ids = top_n.top_n(scores.reshape(b * h, c, nb), pos, CFG.num_selected,
+                            lambda s, p, col: rank_keys(s, p, CFG, blocks=col),
+                            width_of=width_of, scheme=scheme, block_elems=block_elems,
+                            num_warps=num_warps, interpret=INTERPRET)
     return chosen_blocks(keys, ids).reshape(b, h, c, -1)
 
 
+@jax.jit
 def lax_top_n(scores, local):
+    """lax.top_k on the rank keys: [B, H, T, n]."""
     return select_top_n(scores, local[:, None, :], CFG)
 
 
-def mosaic_select(q, k_cmp, lse, start, doc, local, chunk=None, top=lax_top_n):
-    """[B, T, Hkv, n]: scores and top-n per chunk of `chunk` queries (one kernel for all)."""
-    t = q.shape[1]
-    chunk = chunk or t
-    assert t % chunk == 0 and chunk % 64 == 0, (t, chunk)  # whole chunks of whole tiles
-
-    def one(first):
-        scores = mosaic_scores(q, k_cmp, lse, start, doc, first, chunk)  # [B, Hkv, C, NB]
-        return top(scores, jax.lax.dynamic_slice_in_dim(local, first, chunk, 1))
-
-    parts = jax.lax.map(one, jnp.arange(0, t, chunk, dtype=jnp.int32))  # [chunks, B, Hkv, C, n]
-    b, hkv, n = parts.shape[1], parts.shape[2], parts.shape[-1]
-    return jnp.moveaxis(parts, 0, 2).reshape(b, hkv, t, n).transpose(0, 2, 1, 3)
+@functools.partial(jax.jit, static_argnames=("tiling", "chunk"))
+def select_fn(q, k_cmp, lse, tiling=None, chunk=None):
+    """The dispatch table's "select" on Hopper: [B, T, Hkv, n]."""
+    return mosaic.select(q, k_cmp, lse, CFG, tiling=tiling, chunk=chunk, interpret=INTERPRET)
 
 
 def visible_pairs(t, hq):
@@ -117,138 +153,205 @@ def near_tie(scores_row, mine, theirs):
 def check(t, hq, hkv):
     """(ok, report dict) for one shape."""
     q, k_cmp, lse, start, doc, local = problem(t, hq, hkv)
-    xla_scores = jax.jit(lambda *a: ops.block_scores(*a, CFG, implementation="xla"))(q, k_cmp, lse)
-    xla_idx = ops.select_blocks(xla_scores, CFG, implementation="xla")
-    ours = jax.jit(mosaic_scores)(q, k_cmp, lse, start, doc)
-    our_idx = jax.jit(lax_top_n)(ours, local).transpose(0, 2, 1, 3)
-    kernel_idx = jax.jit(kernel_top_n)(ours, local).transpose(0, 2, 1, 3)
-    same_top_n = bool(jnp.array_equal(kernel_idx, our_idx))
-    chunked = jax.jit(functools.partial(mosaic_select, chunk=t // 2))(q, k_cmp, lse, start, doc,
-                                                                     local)
-    same_chunked = bool(jnp.array_equal(chunked, our_idx))
-    ours = ours.transpose(0, 2, 1, 3)
-    ours, theirs = np.asarray(ours), np.asarray(xla_scores)
-    finite = bool(np.isfinite(ours).all())
-    err = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
-    a, b = np.sort(np.asarray(our_idx), -1), np.sort(np.asarray(xla_idx), -1)
-    rows = np.argwhere(np.any(a != b, axis=-1))
-    ties = sum(near_tie(theirs[tuple(r)], a[tuple(r)], b[tuple(r)])
-               and near_tie(ours[tuple(r)], a[tuple(r)], b[tuple(r)]) for r in rows)
-    ok = finite and err < 1e-4 and ties == len(rows) and same_top_n and same_chunked
-    report = dict(T=t, Hq=hq, Hkv=hkv, scores_rel_err=err, rows=int(a.shape[1] * a.shape[2]),
-                  differing_rows=len(rows), near_ties=ties, finite=finite,
-                  triton_top_n_identical=same_top_n, chunks_identical=same_chunked, ok=ok)
+    theirs = jax.jit(lambda *a: ops.block_scores(*a, CFG, implementation="xla"))(q, k_cmp, lse)
+    xla_idx = jax.jit(lambda s: ops.select_blocks(s, CFG, implementation="xla"))(theirs)
+    ours = scores_fn(q, k_cmp, lse, start, doc).transpose(0, 2, 1, 3)  # [B, T, H, NB]
+    finite = bool(jnp.isfinite(ours).all())
+    err = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
+    want = lax_top_n(ours.transpose(0, 2, 1, 3), local)  # [B, H, T, n]
+    same = {f"triton {s}": bool(jnp.array_equal(triton_top_n(ours.transpose(0, 2, 1, 3),
+                                                                local, scheme=s), want))
+            for s in top_n.SCHEMES}
+    chunked = select_fn(q, k_cmp, lse, chunk=max(64, t // 2))
+    same["select, two chunks"] = bool(jnp.array_equal(chunked.transpose(0, 2, 1, 3), want))
+    want = want.transpose(0, 2, 1, 3)
+    a, b = jnp.sort(want, -1), jnp.sort(xla_idx, -1)
+    rows = np.argwhere(np.asarray(jnp.any(a != b, axis=-1)))
+    idx = tuple(jnp.asarray(rows[:, i]) for i in range(3))
+    a, b = np.asarray(a[idx]), np.asarray(b[idx])
+    mine, other = np.asarray(ours[idx]), np.asarray(theirs[idx])
+    ties = sum(near_tie(other[i], a[i], b[i]) and near_tie(mine[i], a[i], b[i])
+               for i in range(len(rows)))
+    ok = finite and err < 1e-4 and ties == len(rows) and all(same.values())
+    report = dict(T=t, Hq=hq, Hkv=hkv, scores_rel_err=err, rows=int(want.shape[1] * hkv),
+                  differing_rows=len(rows), near_ties=ties, finite=finite, identical=same,
+                  ok=ok)
     print(f"check T={t} Hq={hq} Hkv={hkv}: scores rel err {err:.1e}, rows differing from xla "
           f"{len(rows)} of {report['rows']} (near-ties {ties}); identical to lax.top_k on the "
-          f"whole sequence: Triton top-n {same_top_n}, two query chunks {same_chunked} "
-          f"{'ok' if ok else 'FAIL'}", flush=True)
+          f"whole sequence: {same} {'ok' if ok else 'FAIL'}", flush=True)
     return ok, report
 
 
-def peak_bytes(fn, *args):
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return None if stats is None else stats.temp_size_in_bytes + stats.output_size_in_bytes
+def over_budget(args, what):
+    if time.monotonic() - START <= args.budget_s:
+        return False
+    RESULTS["skipped"].append(what)
+    print(f"  skipped (past the {args.budget_s:g} s budget): {what}", flush=True)
+    return True
 
 
-def time_shape(name, t, hq, hkv, reps, peak_memory=False):
+def timed(name, t, impl, fn, *fargs, flops=None, same=None):
+    """One table row: device time of fn(*fargs), TFLOP/s if flops, `same` (a check's result)."""
+    try:
+        ms = device_ms(fn, *fargs, **TIMING)
+    except Exception as e:  # a failing candidate is reported, not fatal
+        print(f"| {name} | {t} | {impl} | FAILED {type(e).__name__}: {str(e)[:300]} |",
+              flush=True)
+        return None
+    tflops = None if flops is None else flops / ms * 1e-9
+    row = dict(shape=name, T=t, impl=impl, ms=ms, tflops=tflops, same=same)
+    RESULTS["timings"].append(row)
+    print(f"| {name} | {t} | {impl} | {ms:.3f} | {'' if tflops is None else f'{tflops:.0f}'} "
+          f"| {'' if same is None else same} |", flush=True)
+    return row
+
+
+def main_path(name, t, hq, hkv):
+    """Section a: the production scores, top-n and select."""
     q, k_cmp, lse, start, doc, local = problem(t, hq, hkv)
     flops = 2 * visible_pairs(t, hq) * q.shape[-1]
-    scores = jax.jit(mosaic_scores)(q, k_cmp, lse, start, doc)
-    no_ping_pong = dataclasses.replace(
-        mosaic.ScoreTiling.for_shape(CFG, q.shape[-1], hq // hkv, q.dtype), ping_pong=False)
-    inputs = (q, k_cmp, lse, start, doc)
-    candidates = {
-        "mosaic scores": (jax.jit(mosaic_scores), inputs),
-        "mosaic scores, no ping-pong": (
-            jax.jit(lambda *a: mosaic_scores(*a, tiling=no_ping_pong)), inputs),
-        "top-n: rank keys + lax.top_k": (jax.jit(lax_top_n), (scores, local)),
-        "top-n: Triton kernel": (jax.jit(kernel_top_n), (scores, local)),
-        TOTAL: (jax.jit(mosaic_select), (*inputs, local)),
-        "mosaic scores + Triton top-n": (
-            jax.jit(functools.partial(mosaic_select, top=kernel_top_n)), (*inputs, local)),
-    }
-    try:
-        from pallas_kernels.gpu import select_blocks as triton_select
-        candidates["triton fused (current)"] = (
-            jax.jit(lambda *a: triton_select(*a[:4], CFG, doc_start=a[4])),
-            (q, k_cmp, lse, start, doc))
-    except ImportError as e:
-        print(f"  triton fused kernel unavailable: {e}")
-    rows = []
-    for impl, (fn, args) in candidates.items():
+    timed(name, t, "scores", scores_fn, q, k_cmp, lse, start, doc, flops=flops)
+    scores = scores_fn(q, k_cmp, lse, start, doc)
+    timed(name, t, "top-n", triton_top_n, scores, local)
+    timed(name, t, "select = scores + top-n", select_fn, q, k_cmp, lse, flops=flops)
+
+
+def variants(name, t, hq, hkv, args):
+    """Section b: score schedules and top-n variants, each checked against the default."""
+    q, k_cmp, lse, start, doc, local = problem(t, hq, hkv)
+    flops = 2 * visible_pairs(t, hq) * q.shape[-1]
+    default = scores_fn(q, k_cmp, lse, start, doc)
+    scale = jnp.max(jnp.abs(default))
+    for label, kwargs in list(SCORE_VARIANTS.items())[1:]:
+        if over_budget(args, f"{name} T={t} scores {label}"):
+            return
+        tiling = tiling_of(q, hkv, **kwargs)
         try:
-            ms = median_ms(fn, *args, iters=reps)
-        except Exception as e:  # a failing candidate is reported, not fatal
-            print(f"  {name} T={t} {impl}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            diff = float(jnp.max(jnp.abs(scores_fn(q, k_cmp, lse, start, doc, tiling)
+                                         - default)) / scale)
+        except Exception as e:
+            print(f"| {name} | {t} | scores {label} | FAILED {type(e).__name__}: "
+                  f"{str(e)[:300]} |", flush=True)
             continue
-        tflops = None if impl.startswith("top-n") else flops / ms * 1e-9
-        rows.append(dict(shape=name, T=t, impl=impl, ms=ms, tflops=tflops))
-        print(f"| {name} | {t} | {impl} | {ms:.3f} | "
-              f"{'' if tflops is None else f'{tflops:.0f}'} |", flush=True)
-    if peak_memory:
-        for chunk in (None, min(8192, t // 128 * 64)):
-            peak = peak_bytes(lambda *a: mosaic_select(*a, chunk=chunk), q, k_cmp, lse, start,
-                              doc, local)
-            label = "whole sequence" if chunk is None else f"{chunk}-query chunks"
-            print(f"  peak memory, scores + top-n, {label}: "
-                  f"{'n/a' if peak is None else f'{peak / 2**30:.2f} GiB'}", flush=True)
-            rows.append(dict(shape=name, T=t, impl=f"peak bytes ({label})", bytes=peak))
-    return rows
+        timed(name, t, f"scores {label}", scores_fn, q, k_cmp, lse, start, doc, tiling,
+              flops=flops, same=f"max rel diff {diff:.1e}")
+    want = lax_top_n(default, local)
+    for label, kwargs in list(TOP_N_VARIANTS.items())[1:]:
+        if over_budget(args, f"{name} T={t} top-n {label}"):
+            return
+        fn = functools.partial(triton_top_n, **kwargs)
+        try:
+            same = bool(jnp.array_equal(fn(default, local), want))
+        except Exception as e:
+            print(f"| {name} | {t} | top-n {label} | FAILED {type(e).__name__}: "
+                  f"{str(e)[:300]} |", flush=True)
+            continue
+        timed(name, t, f"top-n {label}", fn, default, local, same=same)
 
 
-def verdict(rows):
-    """Target lines: (text, met) per (shape, T) of the faster Mosaic total."""
-    total = {}
-    for r in rows:
-        if r.get("impl") in (TOTAL, "mosaic scores + Triton top-n"):
-            key = (r["shape"], r["T"])
-            total[key] = min(total.get(key, np.inf), r["ms"])
+def others(name, t, hq, hkv, args):
+    """Section c: the old fused Triton kernel and lax.top_k."""
+    from pallas_kernels.gpu.triton.select_blocks import select_blocks as fused
+
+    q, k_cmp, lse, start, doc, local = problem(t, hq, hkv)
+    flops = 2 * visible_pairs(t, hq) * q.shape[-1]
+    if not over_budget(args, f"{name} T={t} triton fused"):
+        timed(name, t, "triton fused (old path)",
+              jax.jit(lambda *a: fused(*a, CFG, interpret=INTERPRET)), q, k_cmp, lse,
+              flops=flops)
+    if not over_budget(args, f"{name} T={t} lax.top_k"):
+        timed(name, t, "top-n: rank keys + lax.top_k", lax_top_n,
+              scores_fn(q, k_cmp, lse, start, doc), local)
+
+
+def peak_memory(name, t, hq, hkv, args):
+    """Section d: XLA's peak estimate of select, whole sequence vs 8192-query chunks."""
+    q, k_cmp, lse, _, _, _ = problem(t, hq, hkv)
+    for chunk in (t, min(8192, max(64, t // 2))):
+        if over_budget(args, f"{name} T={t} peak memory, chunk {chunk}"):
+            return
+        stats = select_fn.lower(q, k_cmp, lse, chunk=chunk).compile().memory_analysis()
+        peak = None if stats is None else stats.temp_size_in_bytes + stats.output_size_in_bytes
+        label = "whole sequence" if chunk == t else f"{chunk}-query chunks"
+        print(f"  peak memory of select at {name} T={t}, {label}: "
+              f"{'n/a' if peak is None else f'{peak / 2**30:.2f} GiB'}", flush=True)
+        RESULTS["timings"].append(dict(shape=name, T=t, impl=f"peak bytes ({label})",
+                                       bytes=peak))
+
+
+def verdict():
+    """(text, met) per (shape, T) of the production `select`."""
     lines = []
-    for (shape, t), ms in sorted(total.items()):
-        target = TARGET_MS.get(t)
-        if target is None:
+    for r in RESULTS["timings"]:
+        if r.get("impl") != "select = scores + top-n" or r["T"] not in TARGET_MS:
             continue
-        if shape != "paper":
-            target *= SMALL_GROUP_FACTOR
-        lines.append((f"{shape} T={t}: {ms:.3f} ms vs target {target:g} ms", ms <= target))
+        target = TARGET_MS[r["T"]] * (1 if r["shape"] == "paper" else SMALL_GROUP_FACTOR)
+        lines.append((f"{r['shape']} T={r['T']}: {r['ms']:.3f} ms vs target {target:g} ms",
+                      r["ms"] <= target))
     return lines
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="paper shape at T=8192 only")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--smoke", action="store_true", help="CPU self-test, interpret mode")
-    args = parser.parse_args()
-    print(f"devices: {jax.devices()}", flush=True)
-    cases = [("paper", 8192)] if args.quick else [(s, t) for t in (8192, 65536) for s in SHAPES]
-    if args.smoke:
-        global INTERPRET
-        INTERPRET, cases = True, [("smoke", 384)]
-        SHAPES["smoke"] = (4, 2)
-    checks, ok = [], True
-    for shape, t in cases:
-        with mosaic.common.abstract_hopper() if INTERPRET else contextlib.nullcontext():
-            good, report = check(t, *SHAPES[shape])
-        checks.append(dict(shape=shape, **report))
-        ok &= good
-    rows = []
-    if ok:
-        print("| shape | T | implementation | ms | Q·K_cmp TFLOP/s |\n|---|---|---|---|---|")
-        longest = max(t for _, t in cases)
-        for shape, t in cases:
-            with mosaic.common.abstract_hopper() if INTERPRET else contextlib.nullcontext():
-                rows += time_shape(shape, t, *SHAPES[shape], 1 if args.smoke else args.reps,
-                                   peak_memory=t == longest)
-        for text, met in verdict(rows):
-            print(f"target {text}: {'met' if met else 'MISSED'}")
+def save():
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "bench_select.json"), "w") as f:
-            json.dump(dict(checks=checks, timings=rows), f, indent=1)
-    if not ok:
-        print("correctness check FAILED: no timing", file=sys.stderr)
-        sys.exit(1)
+            json.dump(RESULTS, f, indent=1)
+
+
+def main():
+    global INTERPRET, LENGTHS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="paper shape at T=8192 only")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no timing after this many seconds (default: 100, --quick "
+                             "30, --smoke no limit)")
+    parser.add_argument("--smoke", action="store_true", help="CPU self-test, interpret mode")
+    args = parser.parse_args()
+    print(f"devices: {jax.devices()}", flush=True)
+    cases = [(s, t) for t in LENGTHS for s in SHAPES]
+    if args.quick:
+        cases = [("paper", 8192)]
+    if args.budget_s is None:
+        args.budget_s = float("inf") if args.smoke else 30.0 if args.quick else 100.0
+    if args.smoke:
+        INTERPRET, cases = True, [("smoke", 384)]
+        SHAPES["smoke"] = (4, 2)
+        LENGTHS = (384,)
+        TIMING.update(samples=1, min_sample_ms=0.0)
+        for label in list(SCORE_VARIANTS)[2:]:  # one non-default schedule covers the code path
+            del SCORE_VARIANTS[label]
+    ok = True
+    with device():
+        for shape, t in cases:
+            good, report = check(t, *SHAPES[shape])
+            RESULTS["checks"].append(dict(shape=shape, **report))
+            ok &= good
+        save()
+        if not ok:
+            print("correctness check FAILED: no timing", file=sys.stderr)
+            sys.exit(1)
+        print("| shape | T | implementation | ms | Q·K_cmp TFLOP/s | same as default |\n"
+              "|---|---|---|---|---|---|", flush=True)
+        for shape, t in cases:
+            if not over_budget(args, f"{shape} T={t} production path"):
+                main_path(shape, t, *SHAPES[shape])
+        save()
+        RESULTS["targets"] = [dict(text=text, met=met) for text, met in verdict()]
+        for text, met in verdict():
+            print(f"target {text}: {'PASS' if met else 'MISS'}", flush=True)
+        longest = max(t for _, t in cases)
+        for shape, t in sorted(cases, key=lambda c: -c[1]):
+            variants(shape, t, *SHAPES[shape], args)
+            save()
+        for shape, t in sorted(cases, key=lambda c: -c[1]):
+            others(shape, t, *SHAPES[shape], args)
+            save()
+        for shape, t in cases:
+            if t == longest:
+                peak_memory(shape, t, *SHAPES[shape], args)
+        save()
+    print(f"done in {time.monotonic() - START:.0f} s; skipped: {len(RESULTS['skipped'])}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -38,23 +38,26 @@ def ordered_bits(x):
     return jnp.where(bits >= 0, bits, bits ^ np.int32(0x7FFFFFFF))
 
 
-def block_classes(num_blocks: int, local_pos, cfg: NSAConfig):
-    """(visible, forced) bool [..., NB] for document-relative positions `local_pos` [...]."""
-    block = jnp.arange(num_blocks, dtype=jnp.int32)
+def block_classes(num_blocks: int, local_pos, cfg: NSAConfig, blocks=None):
+    """(visible, forced) bool [..., NB] for document-relative positions `local_pos` [...] and
+    block ids `blocks` (int, broadcastable to [..., NB]; default 0 .. NB-1)."""
+    block = jnp.arange(num_blocks, dtype=jnp.int32) if blocks is None else blocks
     current = (jnp.asarray(local_pos, jnp.int32) // cfg.select_block)[..., None]
     visible = block <= current
     forced = visible & ((block < cfg.num_init_blocks) | (block > current - cfg.num_local_blocks))
     return visible, forced
 
 
-def rank_keys(scores, local_pos, cfg: NSAConfig):
+def rank_keys(scores, local_pos, cfg: NSAConfig, blocks=None):
     """int32 rank keys [..., NB] of block scores [..., NB] (any float dtype, compared as
     float32) for queries at document-relative positions `local_pos` (int, broadcastable to
     scores.shape[:-1]): KEY_FORCED for forced blocks, KEY_INVISIBLE for blocks after the
     query's own, else the score's float order with -inf and NaN at KEY_NON_FINITE_LOW. Columns
-    past the sequence's last block are invisible by position, so padded widths are fine."""
+    past the sequence's last block are invisible by position, so padded widths are fine.
+    `blocks`: the block id of each score (int, broadcastable to scores.shape), for scores
+    gathered out of order; default: column j holds block j."""
     x = jnp.asarray(scores).astype(jnp.float32)
-    visible, forced = block_classes(x.shape[-1], local_pos, cfg)
+    visible, forced = block_classes(x.shape[-1], local_pos, cfg, blocks)
     ranked = jnp.where(jnp.isnan(x) | (x == -jnp.inf), KEY_NON_FINITE_LOW, ordered_bits(x))
     return jnp.where(forced, KEY_FORCED, jnp.where(visible, ranked, KEY_INVISIBLE))
 

@@ -107,6 +107,14 @@ def mosaic_scores_fits(*args, **kwargs) -> bool:
     return block_scores.supports(*args, **kwargs)
 
 
+def mosaic_selected_fits(*args, **kwargs) -> bool:
+    """The Mosaic selected-attention kernels: q, k, v in one 16-bit dtype, G = Hq / Hkv <= 64,
+    tiles fitting in SMEM (pallas_kernels.gpu.mosaic.selected_attention.supports)."""
+    from pallas_kernels.gpu.mosaic import selected_attention
+
+    return selected_attention.supports(*args, **kwargs)
+
+
 def triton_decode_fits(*args, **kwargs) -> bool:
     """bf16, f16 or f32 caches with power-of-two head dims, select_block >= 16 and caches of
     whole selection blocks (pallas_kernels.gpu.triton.decode_attention.supports)."""
@@ -197,6 +205,8 @@ TABLE = {
                     (triton_selected_dtype, TRITON + "selected_attention:selected_attention"),
                     (always, SEL + "selected_attention_xla")],
             "hopper": [(query_shard, SEL + "selected_attention_xla"),
+                       (mosaic_selected_fits,
+                        MOSAIC + "selected_attention:selected_attention_op"),
                        (triton_selected_dtype, TRITON + "selected_attention:selected_attention"),
                        (always, SEL + "selected_attention_xla")],
             "tpu": [(query_shard, SEL + "selected_attention_xla"),

@@ -187,9 +187,11 @@ def selected_attention(q, k, v, indices, cfg: NSAConfig, *, segment_ids=None, sc
     repeated block counts once. All G query heads of a KV head share its blocks (nsa_spec.md §2.3).
     scale defaults to 1/sqrt(Dk).
 
-    implementation: "reference", "xla", "pallas" (the Triton kernels on CPU in interpret mode, GPU
-    and Hopper for bf16/f32, the Mosaic TPU kernels on TPU for f32/bf16; xla for other dtypes) or
-    None (pallas on GPU/TPU, xla on CPU); ops.dispatch.TABLE. Raises ValueError for bad arguments.
+    implementation: "reference", "xla", "pallas" (on Hopper the Mosaic GPU kernels for bf16/f16
+    with G <= 64, else the Triton kernels for bf16/f32, else xla; the Triton kernels on CPU in
+    interpret mode and on GPU for bf16/f32; the Mosaic TPU kernels on TPU for f32/bf16; xla for
+    other dtypes) or None (pallas on GPU/TPU, xla on CPU); ops.dispatch.TABLE. Raises ValueError
+    for bad arguments.
     """
     validation.check_config(cfg)
     dims = validation.check_qkv(q, k, v)

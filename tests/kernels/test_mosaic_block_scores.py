@@ -12,6 +12,7 @@ benchmark shapes. TestSelectionRule checks the rank-key rule,
 non-finite scores included (issue 20 item 1).
 """
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -168,17 +169,46 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
 
     def test_query_chunks(self, key):
         """A traced query_start (one kernel for every chunk) gives the rows of the whole call,
-        with or without the warpgroups' ping-pong."""
+        with free-running or ping-ponging warpgroups."""
         cfg = config(8, 4, 8, 4)
         args, _ = random_problem(key, 1, 200, 2, 1, 64, cfg, (50, 150), jnp.bfloat16)
         whole = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(32, 2, 1))
-        tiling = mosaic.ScoreTiling(32, 2, 2, ping_pong=False)  # free-running warpgroups
+        tiling = mosaic.ScoreTiling(32, 2, 2, schedule="ping_pong")
         fn = jax.jit(lambda first, *a: mosaic.block_scores(
             *a, cfg, query_start=first, num_queries=64, tiling=tiling, interpret=self.INTERPRET))
         with common.abstract_hopper() if self.INTERPRET else contextlib.nullcontext():
             for first in (0, 128):
                 part = np.asarray(fn(jnp.int32(first), *args)).transpose(0, 2, 1, 3)
                 np.testing.assert_array_equal(part, whole[:, first:first + 64])
+
+    def test_select_chunk(self, key):
+        """select in 128-query chunks (the second overlapping the first) picks what one
+        whole-sequence chunk picks, a valid top-n of the float64 scores; a chunk off the 64-row
+        grid is rejected."""
+        cfg = config(8, 4, 8, 4)
+        args, seg = random_problem(key, 1, 160, 2, 1, 64, cfg, (60, 100), jnp.bfloat16)
+        tiling = mosaic.ScoreTiling(32, 2, 1)
+        run = lambda chunk: np.asarray(mosaic.select(
+            *args[:3], cfg, segment_ids=seg, tiling=tiling, chunk=chunk,
+            interpret=self.INTERPRET))
+        with common.abstract_hopper() if self.INTERPRET else contextlib.nullcontext():
+            chunked, whole = run(128), run(192)
+            with pytest.raises(ValueError, match="chunk"):
+                run(100)
+        np.testing.assert_array_equal(chunked, whole)
+        assert_valid_top_n(chunked, oracle_scores(*args[:3], cfg, seg),
+                           local_positions(seg, 1, 160), cfg)
+
+    @pytest.mark.parametrize("schedule", ["alternate", "pipeline"])
+    def test_schedules(self, schedule, key):
+        """The warpgroup schedules reorder whole matmuls and exp2s, never the float32 adds: the
+        same bits as "free" (G=3, three documents, two sub-tiles, masked and skipped ones)."""
+        b, t, hq, hkv, dk, hyper, slots, docs, dtype = CASES["g3_docs"]
+        cfg = config(*hyper)
+        args, _ = random_problem(key, b, t, hq, hkv, dk, cfg, docs, dtype)
+        free = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(slots, 2, 1))
+        ours = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(slots, 2, 1, schedule=schedule))
+        np.testing.assert_array_equal(ours, free)
 
     def test_near_ties_are_exact(self):
         """Blocks A=3 < B=6 carry the same hot keys; for KV head 0 one of B's keys is nudged so
@@ -252,22 +282,79 @@ class TestMosaicBlockScoresInterpret(TestMosaicBlockScores):
 
 class TestTopNKernel(CompiledOrInterpreted):
     """pallas_kernels.gpu.top_n with the rank keys computed in the kernel picks exactly the
-    blocks of select_top_n (lax.top_k on the keys)."""
+    blocks of select_top_n (lax.top_k on the keys), with either scheme and any group size."""
 
-    def test_matches_lax_top_k(self):
-        cfg = config(8, 4, 8, 6)
+    CFG = config(8, 4, 8, 6)
+
+    def run(self, scores, local, *, n=6, **kwargs):
+        keys = lambda s, p, c: selection_rule.rank_keys(s, p, self.CFG, blocks=c)
+        fn = jax.jit(lambda s, p: top_n.top_n(s, p, n, keys, interpret=self.INTERPRET,
+                                              **kwargs))
+        return np.asarray(selection_rule.chosen_blocks(*fn(scores, local)))
+
+    def want(self, scores, local, n=6):
+        cfg = dataclasses.replace(self.CFG, num_selected=n)
+        return np.asarray(selection_rule.select_top_n(scores, local, cfg))
+
+    @staticmethod
+    def special_scores(rng, shape):
+        """Random scores with +-inf, NaN, -0.0 and many equal values."""
+        scores = rng.standard_normal(shape).astype(np.float32)
+        special = rng.random(shape)
+        for value, lo, hi in ((np.inf, 0, .05), (np.nan, .05, .1), (.5, .1, .25),
+                              (-np.inf, .25, .3), (-0.0, .3, .33), (0.0, .33, .36)):
+            scores[(special >= lo) & (special < hi)] = value
+        return scores
+
+    @pytest.mark.parametrize("scheme,group", [("rounds", None), ("groups", None),
+                                              ("groups", 2), ("groups", 8)])
+    def test_matches_lax_top_k(self, scheme, group):
+        """Random rows with non-finite and equal scores, NB not a power of 2 (the block reads
+        past it), positions anywhere in the row."""
         rng = np.random.default_rng(6)
-        scores = rng.standard_normal((64, 32)).astype(np.float32)
-        special = rng.random(scores.shape)
-        scores[special < 0.05] = np.inf
-        scores[(special >= 0.05) & (special < 0.1)] = np.nan
-        scores[(special >= 0.1) & (special < 0.2)] = 0.5
-        local = rng.integers(0, 300, 64).astype(np.int32)
-        keys = lambda s, p: selection_rule.rank_keys(s, p, cfg)
-        run = jax.jit(lambda s, p: top_n.top_n(s, p, 6, keys, block_rows=16,
-                                               interpret=self.INTERPRET))
-        got = selection_rule.chosen_blocks(*run(scores, local))
-        np.testing.assert_array_equal(got, selection_rule.select_top_n(scores, local, cfg))
+        nb = 100
+        scores = self.special_scores(rng, (2, 64, nb))
+        local = rng.integers(0, nb * 8, (2, 64)).astype(np.int32)
+        got = self.run(scores, local, scheme=scheme, group=group)
+        np.testing.assert_array_equal(got, self.want(scores, local))
+
+    @pytest.mark.parametrize("n", [6, 16])
+    def test_adversarial_rows(self, n):
+        """Rows of one repeated score, all -inf, all NaN, +inf everywhere but one column, fewer
+        visible blocks than n, a best block per group (every group ties), and scores that
+        rise with the block id (the n best in the last groups)."""
+        nb, rows = 128, 16
+        scores = np.zeros((1, rows, nb), np.float32)
+        scores[0, 0] = 1.0
+        scores[0, 1] = -np.inf
+        scores[0, 2] = np.nan
+        scores[0, 3] = np.inf
+        scores[0, 3, 77] = 1.0
+        scores[0, 4] = np.where(np.arange(nb) % 8 == 5, 2.0, 1.0)
+        scores[0, 5] = np.arange(nb, dtype=np.float32)
+        scores[0, 6] = -np.arange(nb, dtype=np.float32)
+        scores[0, 7] = np.where(np.arange(nb) % 2, np.nan, -np.inf)
+        scores[0, 8:] = np.arange(nb, dtype=np.float32)[::-1] % 3
+        local = np.full((1, rows), nb * 8 - 1, np.int32)
+        local[0, 8:] = [0, 7, 8, 40, 47, 48, 100, 333]  # few visible blocks
+        for kwargs in (dict(scheme="rounds"), dict(scheme="groups", group=4)):
+            np.testing.assert_array_equal(self.run(scores, local, n=n, **kwargs),
+                                          self.want(scores, local, n), err_msg=str(kwargs))
+
+    def test_causal_widths(self):
+        """With `width_of`, rows are read to their power-of-2 visible width in segments of 64
+        rows (16, 32, 64, 128 columns here): the same blocks as the whole rows."""
+        rng = np.random.default_rng(7)
+        rows, nb = 448, 120
+        scores = self.special_scores(rng, (2, rows, nb))
+        pos = np.arange(rows) * 2  # absolute position of row c: 2c, 8 per block
+        local = (pos - rng.integers(0, 40, (2, rows))).clip(0).astype(np.int32)
+        width_of = lambda end: 2 * (end - 1) // 8 + 1
+        widths = [w for _, _, w in top_n._segments(rows, nb, width_of, 6)]
+        assert widths == [16, 32, 64, 128], widths
+        for scheme in ("groups", "rounds"):
+            got = self.run(scores, local, scheme=scheme, width_of=width_of, block_elems=1024)
+            np.testing.assert_array_equal(got, self.want(scores, local), err_msg=scheme)
 
 
 class TestTopNKernelInterpret(TestTopNKernel):
@@ -277,30 +364,39 @@ class TestTopNKernelInterpret(TestTopNKernel):
 class TestLowering:
     """jax.export for CUDA on a CPU machine: the real Pallas -> Mosaic GPU lowering."""
 
-    @pytest.mark.parametrize("t,hq,hkv", [(8192, 64, 4), (65536, 64, 4), (8192, 32, 8),
-                                          (65536, 32, 8)])
-    def test_lowers_at_benchmark_shapes(self, t, hq, hkv):
+    @pytest.mark.parametrize("t,hq,hkv,schedule,slots", [
+        (8192, 64, 4, "free", 128), (65536, 64, 4, "free", 128), (8192, 32, 8, "free", 128),
+        (65536, 32, 8, "free", 128), (65536, 64, 4, "ping_pong", 128),
+        (65536, 64, 4, "alternate", 128), (65536, 64, 4, "pipeline", 128),
+        (65536, 32, 8, "pipeline", 64)])
+    def test_lowers_at_benchmark_shapes(self, t, hq, hkv, schedule, slots):
         cfg, d = NSAConfig(), 128
         tc = cfg.num_compressed(t)
         spec = jax.ShapeDtypeStruct
         args = (spec((1, t, hq, d), jnp.bfloat16), spec((1, tc, hkv, d), jnp.bfloat16),
                 spec((1, t, hq), jnp.float32), spec((1, tc), jnp.int32), spec((1, t), jnp.int32))
-        fn = jax.jit(lambda *a: mosaic.block_scores(*a, cfg, query_start=0, num_queries=8192))
+        tiling = mosaic.ScoreTiling.for_shape(cfg, d, hq // hkv, jnp.bfloat16, slots, schedule)
+        fn = jax.jit(lambda *a: mosaic.block_scores(*a, cfg, query_start=0, num_queries=8192,
+                                                    tiling=tiling))
         with common.abstract_hopper():
             exported = export.export(fn, platforms=["cuda"])(*args)
         assert exported.out_avals[0].shape == (1, hkv, 8192, cfg.num_blocks(t))
         assert "mosaic_gpu" in exported.mlir_module()
 
-    def test_top_n_kernel_lowers(self):
+    @pytest.mark.parametrize("scheme", top_n.SCHEMES)
+    def test_top_n_kernel_lowers(self, scheme):
+        """T=64k paper shape: 4 KV heads x 65536 rows x 1024 blocks, causal widths."""
         cfg = NSAConfig()
-        keys = lambda s, p: selection_rule.rank_keys(s, p, cfg)
-        fn = jax.jit(lambda s, p: top_n.top_n(s, p, 16, keys))
+        keys = lambda s, p, c: selection_rule.rank_keys(s, p, cfg, blocks=c)
+        width_of = lambda end: (end - 1) // cfg.select_block + 1
+        fn = jax.jit(lambda s, p: top_n.top_n(s, p, 16, keys, width_of=width_of,
+                                              scheme=scheme))
         spec = jax.ShapeDtypeStruct
         with common.abstract_hopper():
             exported = export.export(fn, platforms=["cuda"], disabled_checks=[
                 export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-                spec((4 * 8192, 1024), jnp.float32), spec((4 * 8192,), jnp.int32))
-        assert exported.out_avals[1].shape == (4 * 8192, 16)
+                spec((4, 65536, 1024), jnp.float32), spec((4, 65536), jnp.int32))
+        assert exported.out_avals[1].shape == (4, 65536, 16)
 
     def test_default_tiling_fits_smem(self):
         cfg = NSAConfig()

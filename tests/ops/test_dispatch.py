@@ -70,8 +70,12 @@ def test_conditional_fallbacks():
     assert dispatch.choose("window_attention", "pallas", (half, half, half, SMALL), {},
                            on="cpu").endswith("_xla")
     f16 = half.astype(jnp.float16)
-    selected = lambda x, on: dispatch.choose("selected_attention", None, (x,), {}, on=on)
-    assert selected(half, "hopper").startswith(dispatch.TRITON)
+    indices = jnp.zeros((1, 32, 2, 4), jnp.int32)
+    selected = lambda x, on: dispatch.choose("selected_attention", None,
+                                             (x, x, x, indices, SMALL), {}, on=on)
+    assert selected(half, "hopper").startswith(dispatch.MOSAIC)
+    assert selected(f16, "hopper").startswith(dispatch.MOSAIC)
+    assert selected(half.astype(jnp.float32), "hopper").startswith(dispatch.TRITON)
     assert selected(f16, "gpu").endswith("_xla") and selected(half, "cpu").endswith("_xla")
     for op in ("compressed_attention", "select", "selected_attention", "nsa_decode"):
         assert dispatch.choose(op, "pallas", (wide,), {}, on="gpu").endswith("_xla"), op

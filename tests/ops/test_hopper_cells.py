@@ -74,3 +74,24 @@ def test_select_cell_runs_block_scores_and_the_top_n(key):
         got, exp = (set(x[b, t, h][x[b, t, h] >= 0].tolist()) for x in (np.asarray(ids), want))
         assert abs(s[b, t, h, sorted(got - exp)].sum() - s[b, t, h, sorted(exp - got)].sum()) \
             <= 1e-5 * s[b, t, h].max()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_selected_cell_runs_the_mosaic_kernels(key, packed):
+    """Indices from the real selection path (the oracle's top-n), G = 2, float16 (which the Triton
+    kernel does not take): the Hopper cell picks the Mosaic kernels and matches the oracle."""
+    q, k, v, segments = _inputs(key, packed, t=96)
+    q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
+    k_cmp = ops.compress(k, SMALL, segment_ids=segments)
+    v_cmp = ops.compress(v, SMALL, segment_ids=segments)
+    _, lse = ops.compressed_attention(q, k_cmp, v_cmp, SMALL, segment_ids=segments,
+                                      implementation="reference")
+    scores = ops.block_scores(q, k_cmp, lse, SMALL, segment_ids=segments,
+                              implementation="reference")
+    indices = ops.select_blocks(scores, SMALL, segment_ids=segments, implementation="reference")
+    kw = dict(segment_ids=segments, scale=q.shape[-1] ** -0.5)
+    target, o = _hopper("selected_attention", q, k, v, indices, SMALL, **kw)
+    assert target.startswith("pallas_kernels.gpu.mosaic.selected_attention")
+    o_ref = ops.selected_attention(q, k, v, indices, SMALL, segment_ids=segments,
+                                   implementation="reference")
+    assert rel_err(o, o_ref) < 5e-3

@@ -44,9 +44,21 @@ definition to ~1e-7 relative (tests: 1e-5 vs the float32 oracle, exact top-n at 
 Cost on paper, paper shape (B=1, T=64k, Hq=64, Hkv=4, Dk=128, l=32, d=16, l'=64): visible
 (position, head, slot) pairs ~ Hq*T^2/(2d) = 8.6e9, so the recomputed Q·K_cmpᵀ is
 2*pairs*Dk = 2.2e12 FLOP: 367 TFLOP/s for the 6 ms target if nothing else took
-time, ~440 TFLOP/s with ~1 ms left for the top-n. The 8.6e9 exp2 run on the SFU
-(16/clk/SM, ~4.2e12/s on an H200: 2.1 ms), overlapped with wgmma by the two warpgroups'
-ping-pong (FA3's schedule barrier); per S element the fast path adds one FMA and one add.
+time, ~440 TFLOP/s with ~1 ms left for the top-n. Per S element an SM spends 2*Dk = 256 FLOP
+on wgmma (~4096 dense bf16 FLOP/clk: 16 elements/clk) and one ex2 on the SFU (16/clk): the
+tensor cores and the SFU carry equal loads (FA3's forward has 512 FLOP per exp2). With the
+work inflation below (~9.9e9 elements) that is ~2.7 ms on each unit at a sustained 1.75 GHz,
+plus ~0.7 ms of FMA/add issue (one FMA and one add per element on the fast path).
+Measured on the H200 (2026-11-30, 64k, paper): 6.19 ms with free-running warpgroups, i.e.
+matmul and exp2 ran one after the other (2.7 + 2.7 + 0.7): each warpgroup waits for its
+matmul before its exp2, and two free-running warpgroups fall into step. The first ping-pong
+(one rendezvous per head step, after issuing the matmul) keeps them in step on purpose:
+6.85 ms. Overlap needs `ScoreTiling.schedule` "alternate" (FA3's two-phase ping-pong: one
+warpgroup's matmul while the other's exp2; per head step max(MMA, SFU) instead of their sum)
+or "pipeline" (each warpgroup issues head h+1's matmul before head h's exp2; 1 in G exp2s not
+overlapped, 216 registers per thread at kb=128, or kb=64 with 25% spill work and 120
+registers). Either predicts ~3.5-4 ms at 64k (paper) if the units overlap fully, ~5 ms if
+half; experiments/bench_select.py times all four schedules.
 Work inflation: X/kb = 12.5% recomputed spill slots (kb=128) and ~kb/2 slots per row at the
 causal edge (~3% of an average row's visible slots at 64k, ~25% at 8k).
 Alternatives, per the same count:
@@ -62,7 +74,8 @@ Alternatives, per the same count:
 - Output: [B, Hkv, T, NB] float32 is 1 GiB at 64k (68 GiB at 512k): callers bound memory by
   scoring query chunks (`query_start`, `num_queries`) and selecting per chunk.
 
-Registers per compute thread: psum (kb+X)/2 = 72 and S 72 float32 at kb=128, within FA3's 232.
+Registers per compute thread: psum (kb+X)/2 = 72 and S 72 float32 at kb=128, within FA3's 232
+(schedule "pipeline": a second S, 216).
 SMEM (Dk=128, G=16): Q ring 3 x 16 KiB, K rings 2 x 2 x 36 KiB, W 9 KiB, lse 4 KiB, output
 staging 16 KiB = 221 KiB of 227 (`ScoreTiling.smem_bytes`, `ScoreTiling.for_shape`).
 """
@@ -92,6 +105,7 @@ WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HIGH_HALF = np.int32(-65536)  # 0xFFFF0000: sign, exponent and the 7 mantissa bits bf16 keeps
+SCHEDULES = ("free", "ping_pong", "alternate", "pipeline")  # ScoreTiling.schedule
 
 
 # ----------------------------------------------------------------------------- tile options
@@ -101,13 +115,22 @@ _HIGH_HALF = np.int32(-65536)  # 0xFFFF0000: sign, exponent and the 7 mantissa b
 class ScoreTiling:
     """slots: compressed slots per warpgroup sub-tile (kb, a multiple of 16 and of l'/d);
     q_stages: depth of the shared Q ring; k_stages: depth of each warpgroup's K ring;
-    ping_pong: alternate the two warpgroups' wgmmas (FA3's schedule barrier), so one's exp2
-    overlaps the other's matmul."""
+    schedule: how the two compute warpgroups' matmuls and exp2s interleave (SCHEDULES):
+    - "free" (default): no coordination; each warpgroup waits for its matmul, then runs exp2.
+      Fastest on the H200 (2026-11-30) at T=64k: paper shape 6.19 ms, small-group 4.66 ms.
+    - "ping_pong": one rendezvous per head step, right after issuing the matmul (6.85 and
+      5.45 ms at 64k): both warpgroups then wait for their matmuls and run exp2 in the same
+      phase, so it mostly serialises them.
+    - "alternate": FA3's ping-pong, two rendezvous per head step (after the matmul completes
+      and after the exp2s), warpgroup 1 one phase behind: one warpgroup's matmul runs while
+      the other's exp2 does, so the tensor cores and the SFU overlap.
+    - "pipeline": each warpgroup issues head h+1's matmul before the exp2 of head h (two S
+      tiles live: ~3 * width / 2 registers of float32 per thread, 216 at 144 columns)."""
 
     slots: int = 128
     q_stages: int = 3
     k_stages: int = 2
-    ping_pong: bool = True
+    schedule: str = "free"
 
     def __post_init__(self):
         if self.slots < 16 or self.slots % 16:
@@ -116,6 +139,9 @@ class ScoreTiling:
         if self.q_stages < 2 or self.k_stages < 1:
             raise ValueError(f"ScoreTiling needs q_stages >= 2 and k_stages >= 1, got "
                              f"{self.q_stages}, {self.k_stages}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"ScoreTiling.schedule must be one of {SCHEDULES}, got "
+                             f"{self.schedule!r}")
 
     def smem_bytes(self, cfg: NSAConfig, dk: int, group: int, dtype) -> int:
         """Shared memory of one program, in bytes."""
@@ -127,15 +153,16 @@ class ScoreTiling:
                 + COMPUTE_WGS * BLOCK_ROWS * geo.blocks * 4)
 
     @classmethod
-    def for_shape(cls, cfg: NSAConfig, dk: int, group: int, dtype, slots: int = 128):
+    def for_shape(cls, cfg: NSAConfig, dk: int, group: int, dtype, slots: int = 128,
+                  schedule: str = "free"):
         """The deepest rings (Q first, then K) of `slots`-slot sub-tiles that fit in SMEM, else
         of half as many slots (e.g. Dk = 256)."""
         options = [(s, q, k) for s in (slots, slots // 2) for q, k in ((3, 2), (2, 2), (2, 1))]
         for option in options:
-            tiling = cls(*option)
+            tiling = cls(*option, schedule=schedule)
             if tiling.smem_bytes(cfg, dk, group, dtype) <= SMEM_BYTES:
                 return tiling
-        return cls(slots, 2, 1)  # check() names the shortfall
+        return cls(slots, 2, 1, schedule=schedule)  # check() names the shortfall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +267,13 @@ def row_tables(slot_start_BTc, doc_start_BT, row_BTc, cfg: NSAConfig, geo: Geome
     document -1 and see nothing. Position t sees its document's slots 0 .. visible-1,
     visible = max(0, (t - doc - l + 1) // d + 1) (paper eq. 7, document-relative)."""
     b, length = doc_start_BT.shape
-    big = jnp.iinfo(jnp.int32).max
-    starts = jnp.where(slot_start_BTc >= 0, slot_start_BTc, big).astype(jnp.int32)
     doc = doc_start_BT.astype(jnp.int32)
-    first = jax.vmap(jnp.searchsorted)(starts, doc)  # the document's first slot
+    # The document's first slot = the number of slots starting before it (slots are in order):
+    # a histogram of slot starts and its exclusive prefix sum (no binary search, which XLA runs
+    # as a loop of small kernels).
+    at = jnp.where(slot_start_BTc >= 0, slot_start_BTc, length).astype(jnp.int32)
+    starting = jnp.zeros((b, length + 1), jnp.int32).at[jnp.arange(b)[:, None], at].add(1)
+    first = jnp.take_along_axis(jnp.cumsum(starting, axis=1) - starting, doc, axis=1)
     ends = jnp.concatenate([row_BTc, jnp.full((b, 1), -1, jnp.int32)], axis=1)
     # The row after the last valid slot, rounded up: where a document with no slots would start.
     tail = -(-(jnp.max(ends, axis=1, keepdims=True) + 1 - geo.extra) // 8) * 8 + geo.extra
@@ -432,33 +462,67 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
     first_col = geo.extra - geo.spill
     plgpu.barrier_wait(w_bar)
     plgpu.barrier_wait(lse_bar)
-    sync = (lambda: _sync(schedule)) if st.tiling.ping_pong else (lambda: None)
-    pl.when(wg == 1)(sync)  # ping-pong: warpgroup 1 starts one wgmma behind
+    plan = st.tiling.schedule
+    sync = (lambda: _sync(schedule)) if plan in ("ping_pong", "alternate") else (lambda: None)
+    pl.when(wg == 1)(sync)  # warpgroup 1 starts one phase behind
 
-    def head_step(idx, kslot, in_doc, sub, mode, head, psum):
-        """One head's Q tile against the sub-tile: mode "whole" (no mask), "masked", or "skip"
-        (warpgroup 1's sub-tile past the last needed one: only the barriers, in step)."""
-        qi = idx * g + head
-        qslot = lax.rem(qi, qst)
-        plgpu.barrier_wait(q_full.at[qslot])
-        if mode == "skip":
-            sync()
-            plgpu.barrier_arrive(q_free.at[qslot])
-            return psum
-
-        def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_ring.at[qslot], k_ring.at[kslot].transpose((1, 0)))
-            sync()
-            return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((BLOCK_ROWS, geo.width), jnp.float32))
-        plgpu.barrier_arrive(q_free.at[qslot])
+    def add_exp(psum, s, head, in_doc, sub, mode):
+        """psum + p of head `head`'s logits s (masked where some row may not see a column)."""
         lse = jnp.where(in_doc, plgpu.load(lse_smem.at[head], layout=ROW, optimized=False),
                         jnp.inf)
         e = jnp.exp2(s * st.logit_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
         if mode == "masked":
             e = _column_mask(st, e, first_col, visible_row, sub)
         return psum + e
+
+    def q_slot(idx, head):
+        """The Q ring slot of head `head` in step idx, once its tile has landed."""
+        qslot = lax.rem(idx * g + head, qst)
+        plgpu.barrier_wait(q_full.at[qslot])
+        return qslot
+
+    def logits(qslot, kslot, during=None):
+        """S = Q_g K_tileᵀ [64, width] float32 (and during()'s value, computed while the wgmma
+        runs); the Q slot is released once the wgmma completed."""
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_ring.at[qslot], k_ring.at[kslot].transpose((1, 0)))
+            if plan == "ping_pong":
+                sync()
+            other = None if during is None else during()
+            return other, acc_ref[...]
+
+        other, s = pl.run_scoped(qk, plgpu.ACC((BLOCK_ROWS, geo.width), jnp.float32))
+        plgpu.barrier_arrive(q_free.at[qslot])
+        return s if during is None else (other, s)
+
+    def head_step(idx, kslot, in_doc, sub, mode, head, psum):
+        """One head's Q tile against the sub-tile: mode "whole" (no mask), "masked", or "skip"
+        (warpgroup 1's sub-tile past the last needed one: only the barriers, in step)."""
+        qslot = q_slot(idx, head)
+        if mode == "skip":
+            for _ in range(2 if plan == "alternate" else 1):
+                sync()
+            plgpu.barrier_arrive(q_free.at[qslot])
+            return psum
+        s = logits(qslot, kslot)
+        if plan == "alternate":
+            sync()  # this warpgroup's matmul is done: the other's turn on the tensor cores
+        psum = add_exp(psum, s, head, in_doc, sub, mode)
+        if plan == "alternate":
+            sync()
+        return psum
+
+    def pipelined_heads(idx, kslot, in_doc, sub, mode, psum):
+        """The G heads with head h+1's wgmma in flight during head h's exp2."""
+        s = logits(q_slot(idx, 0), kslot)
+
+        def step(head, carry):
+            psum, s_prev = carry
+            during = lambda: add_exp(psum, s_prev, head - 1, in_doc, sub, mode)
+            return logits(q_slot(idx, head), kslot, during)
+
+        psum, s = lax.fori_loop(1, g, step, (psum, s))
+        return add_exp(psum, s, g - 1, in_doc, sub, mode)
 
     def document(pair, u, psum):
         sub = 2 * pair + wg
@@ -472,6 +536,8 @@ def _consumer(st: _Static, refs, smem, bars, out_ref, bi, hi, tile, row0, counts
         plgpu.barrier_wait(k_full.at[kslot])
 
         def heads(mode):
+            if plan == "pipeline" and mode != "skip":
+                return lambda: pipelined_heads(idx, kslot, in_doc, sub, mode, psum)
             step = functools.partial(head_step, idx, kslot, in_doc, sub, mode)
             return lambda: lax.fori_loop(0, g, step, psum)
 
@@ -666,19 +732,24 @@ def query_chunk(batch: int, length: int, num_kv_heads: int, cfg: NSAConfig) -> i
 
 
 def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None, interpret=False,
-           tiling: ScoreTiling | None = None):
+           tiling: ScoreTiling | None = None, top_n_scheme: str = "groups",
+           chunk: int | None = None):
     """nsa_jax.ops.select_blocks(ops.block_scores(...)) on Hopper: [B, T, Hkv, n] int32 block ids
     (ascending, -1 slots last), chosen by nsa_jax.selection_rule from this kernel's scores with the
-    Triton top-n (pallas_kernels.gpu.top_n). q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (16-bit),
-    lse [B, T, Hq] float32 (the compressed branch's), segment_ids [B, T] or None. Queries are
-    scored in chunks of `query_chunk` so the [chunk, NB] scores stay bounded. No gradient."""
+    Triton top-n (pallas_kernels.gpu.top_n, `top_n_scheme`), which reads each query's visible
+    prefix of blocks only. q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (16-bit), lse [B, T, Hq]
+    float32 (the compressed branch's), segment_ids [B, T] or None. Queries are scored in chunks
+    of `chunk` (a multiple of 64; default `query_chunk`, which keeps the [chunk, NB] scores
+    under SCORE_BYTES); ValueError otherwise. No gradient."""
     b, t, hq, _ = q.shape
     hkv = k_cmp.shape[2]
     slot_start = layout.compressed_layout(segment_ids, b, t, cfg).start
     doc_start = layout.document_starts(segment_ids, b, t)
     local_pos = layout.positions(b, t) - doc_start
-    chunk = query_chunk(b, t, hkv, cfg)
     t_pad = -(-t // BLOCK_ROWS) * BLOCK_ROWS
+    if chunk is not None and (chunk < BLOCK_ROWS or chunk % BLOCK_ROWS):
+        raise ValueError(f"chunk must be a positive multiple of {BLOCK_ROWS}, got {chunk}")
+    chunk = query_chunk(b, t, hkv, cfg) if chunk is None else min(chunk, t_pad)
     # The last chunk ends at t_pad (it may overlap the one before: those rows come out equal).
     starts = [min(c, t_pad - chunk) for c in range(0, t, chunk)]
     rank = functools.partial(selection_rule.rank_keys, cfg=cfg)
@@ -688,9 +759,13 @@ def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None, inter
                               query_start=first, num_queries=chunk, tiling=tiling,
                               interpret=interpret)  # [B, Hkv, chunk, NB]
         pos = jnp.pad(local_pos, ((0, 0), (0, t_pad - t)))[:, first:first + chunk]
-        pos = jnp.broadcast_to(pos[:, None], scores.shape[:3]).reshape(-1)
-        keys, ids = top_n.top_n(scores.reshape(-1, scores.shape[-1]), pos, cfg.num_selected,
-                                rank, interpret=interpret)
+        pos = jnp.broadcast_to(pos[:, None], scores.shape[:3]).reshape(b * hkv, chunk)
+        # Rows before `end` lie at document-relative positions < first + end: blocks past
+        # (first + end - 1) // l' are invisible to them.
+        width_of = lambda end, first=first: (first + end - 1) // cfg.select_block + 1
+        keys, ids = top_n.top_n(scores.reshape(b * hkv, chunk, -1), pos, cfg.num_selected,
+                                lambda s, p, c: rank(s, p, blocks=c), width_of=width_of,
+                                scheme=top_n_scheme, interpret=interpret)
         chosen = selection_rule.chosen_blocks(keys, ids).reshape(b, hkv, chunk, -1)
         out = lax.dynamic_update_slice_in_dim(out, chosen.transpose(0, 2, 1, 3), first, 1)
     return out[:, :t]
