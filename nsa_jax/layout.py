@@ -55,6 +55,40 @@ def document_positions(segment_ids, batch: int, length: int):
     return positions(batch, length) - document_starts(segment_ids, batch, length)
 
 
+class QueryLayout(NamedTuple):
+    """Per query row [B, Tq] int32: absolute position in the sequence and the first token of its
+    document."""
+
+    position: jnp.ndarray
+    document_start: jnp.ndarray
+
+
+def query_layout(segment_ids, batch: int, num_queries: int, query_offset=None) -> QueryLayout:
+    """Where the queries of q [B, Tq, ...] lie: every token of the sequence (query_offset None,
+    Tq = T), or tokens query_offset .. query_offset + Tq - 1 of the sequence that segment_ids
+    [B, T] spans (context parallelism: q is one device's shard and query_offset, an int or an int32
+    scalar that may be traced, where it starts). Raises ValueError for query_offset without
+    segment_ids."""
+    rows = positions(batch, num_queries)
+    if query_offset is None:
+        return QueryLayout(rows, document_starts(segment_ids, batch, num_queries))
+    starts = document_starts(segment_ids, batch, sequence_length(num_queries, segment_ids,
+                                                                 query_offset))
+    return QueryLayout(rows + query_offset,
+                       lax.dynamic_slice_in_dim(starts, query_offset, num_queries, axis=1))
+
+
+def sequence_length(num_queries: int, segment_ids, query_offset=None) -> int:
+    """T of the sequence: the Tq rows of q, or with query_offset (q then holds a shard of the
+    sequence, `query_layout`) the length of segment_ids, which must be given."""
+    if query_offset is None:
+        return num_queries
+    if segment_ids is None:
+        raise ValueError("query_offset needs segment_ids [B, T] (all zeros for one document): "
+                         "they say how long the sequence is")
+    return segment_ids.shape[1]
+
+
 def num_compressed_slots(length: int, cfg: NSAConfig, packed: bool) -> int:
     """Tc of the layout above: T // d slots for packed documents, else cfg.num_compressed(T)."""
     return length // cfg.compress_stride if packed else cfg.num_compressed(length)

@@ -90,11 +90,13 @@ def grouped_logits(q_c, k_c, scale):
     return jnp.einsum("bchgd,bshd->bhgcs", qg, k_c, precision="highest") * scale
 
 
-def compressed_attention_xla(q, k_cmp, v_cmp, cfg, *, segment_ids=None, scale):
+def compressed_attention_xla(q, k_cmp, v_cmp, cfg, *, segment_ids=None, scale, query_offset=None):
+    """query_offset: q holds a shard of the queries (`layout.query_layout`)."""
     b, t, hq, _ = q.shape
     cd = compute_dtype(q)
-    start = layout.compressed_layout(segment_ids, b, t, cfg).start
-    doc_start = layout.document_starts(segment_ids, b, t)
+    length = layout.sequence_length(t, segment_ids, query_offset)
+    start = layout.compressed_layout(segment_ids, b, length, cfg).start
+    queries = layout.query_layout(segment_ids, b, t, query_offset)
 
     def chunk(xs, shared):
         q_c, pos_c, doc_c = xs
@@ -106,5 +108,4 @@ def compressed_attention_xla(q, k_cmp, v_cmp, cfg, *, segment_ids=None, scale):
         return (o.reshape(b, -1, hq, v_c.shape[-1]).astype(q.dtype),
                 jnp.moveaxis(lse[..., 0], 3, 1).reshape(b, -1, hq).astype(jnp.float32))
 
-    return map_query_chunks(chunk, (q, layout.positions(b, t), doc_start),
-                            (k_cmp.astype(cd), v_cmp.astype(cd), start))
+    return map_query_chunks(chunk, (q, *queries), (k_cmp.astype(cd), v_cmp.astype(cd), start))

@@ -16,6 +16,11 @@ compute capability 9.x: Mosaic GPU kernels first, the Triton ones behind them), 
 cell means every backend. On "cpu", "pallas" runs the Triton kernels in interpret mode (slow, for
 tests).
 
+Context parallelism (`ops.context_parallel`) calls compressed_attention, select,
+selected_attention and window_attention with `query_offset`: q then holds one device's shard of
+the queries and the other arrays the whole sequence (`layout.query_layout`). Only the xla and
+reference targets take it; every other cell sends such calls to xla first (`query_shard`).
+
 Targets under `pallas_kernels.` are kernels: they see whole arrays, so under a device mesh they
 run per device (`per_device`), and on "cpu" they are called with interpret=True. Every target has
 the signature of its op's implementation: (arrays..., cfg, *, keyword arguments), see each op.
@@ -46,6 +51,11 @@ def backend() -> str:
 
 def always(*args, **kwargs) -> bool:
     return True
+
+
+def query_shard(*args, query_offset=None, **kwargs) -> bool:
+    """q holds one device's shard of the queries: the kernels and cuDNN compute whole sequences."""
+    return query_offset is not None
 
 
 def triton_dtype(q, *args, **kwargs) -> bool:
@@ -138,14 +148,18 @@ TABLE = {
         "reference": {"*": REF + "compressed_attention"},
         "xla": {"*": CMP + "compressed_attention_xla"},
         "pallas": {
-            "cpu": [(triton_dtype, TRITON + "compressed_attention:compressed_attention"),
+            "cpu": [(query_shard, CMP + "compressed_attention_xla"),
+                    (triton_dtype, TRITON + "compressed_attention:compressed_attention"),
                     (always, CMP + "compressed_attention_xla")],
-            "gpu": [(triton_dtype, TRITON + "compressed_attention:compressed_attention"),
+            "gpu": [(query_shard, CMP + "compressed_attention_xla"),
+                    (triton_dtype, TRITON + "compressed_attention:compressed_attention"),
                     (always, CMP + "compressed_attention_xla")],
-            "hopper": [(mosaic_range_fits, MOSAIC + "range_attention:compressed_attention"),
+            "hopper": [(query_shard, CMP + "compressed_attention_xla"),
+                       (mosaic_range_fits, MOSAIC + "range_attention:compressed_attention"),
                        (triton_dtype, TRITON + "compressed_attention:compressed_attention"),
                        (always, CMP + "compressed_attention_xla")],
-            "tpu": [(tpu_dtype, TPU + "compressed:compressed_attention"),
+            "tpu": [(query_shard, CMP + "compressed_attention_xla"),
+                    (tpu_dtype, TPU + "compressed:compressed_attention"),
                     (always, CMP + "compressed_attention_xla")],
         },
     },
@@ -166,11 +180,14 @@ TABLE = {
         "reference": {"*": REF + "select"},
         "xla": {"*": SEL + "select_xla"},
         "pallas": {
-            "cpu": [(triton_dtype, TRITON + "select_blocks:select_blocks"),
+            "cpu": [(query_shard, SEL + "select_xla"),
+                    (triton_dtype, TRITON + "select_blocks:select_blocks"),
                     (always, SEL + "select_xla")],
-            "gpu": [(triton_dtype, TRITON + "select_blocks:select_blocks"),
+            "gpu": [(query_shard, SEL + "select_xla"),
+                    (triton_dtype, TRITON + "select_blocks:select_blocks"),
                     (always, SEL + "select_xla")],
-            "hopper": [(mosaic_scores_fits, MOSAIC + "block_scores:select"),
+            "hopper": [(query_shard, SEL + "select_xla"),
+                       (mosaic_scores_fits, MOSAIC + "block_scores:select"),
                        (triton_dtype, TRITON + "select_blocks:select_blocks"),
                        (always, SEL + "select_xla")],
             "tpu": SEL + "select_xla",
@@ -181,15 +198,19 @@ TABLE = {
         "reference": {"*": REF + "selected_attention"},
         "xla": {"*": SEL + "selected_attention_xla"},
         "pallas": {
-            "cpu": [(triton_selected_dtype, TRITON + "selected_attention:selected_attention"),
+            "cpu": [(query_shard, SEL + "selected_attention_xla"),
+                    (triton_selected_dtype, TRITON + "selected_attention:selected_attention"),
                     (always, SEL + "selected_attention_xla")],
-            "gpu": [(triton_selected_dtype, TRITON + "selected_attention:selected_attention"),
+            "gpu": [(query_shard, SEL + "selected_attention_xla"),
+                    (triton_selected_dtype, TRITON + "selected_attention:selected_attention"),
                     (always, SEL + "selected_attention_xla")],
-            "hopper": [(mosaic_selected_fits,
+            "hopper": [(query_shard, SEL + "selected_attention_xla"),
+                       (mosaic_selected_fits,
                         MOSAIC + "selected_attention:selected_attention_op"),
                        (triton_selected_dtype, TRITON + "selected_attention:selected_attention"),
                        (always, SEL + "selected_attention_xla")],
-            "tpu": [(tpu_dtype, TPU + "selected:selected_attention"),
+            "tpu": [(query_shard, SEL + "selected_attention_xla"),
+                    (tpu_dtype, TPU + "selected:selected_attention"),
                     (always, SEL + "selected_attention_xla")],
         },
     },
@@ -199,9 +220,11 @@ TABLE = {
         "xla": {"*": WIN + "window_attention_xla"},
         "pallas": {
             "cpu": WIN + "window_attention_xla",  # cuDNN needs a GPU
-            "gpu": [(cudnn_window_fits, WIN + "window_attention_cudnn"),
+            "gpu": [(query_shard, WIN + "window_attention_xla"),
+                    (cudnn_window_fits, WIN + "window_attention_cudnn"),
                     (always, WIN + "window_attention_xla")],
-            "hopper": [(cudnn_window_fits, WIN + "window_attention_cudnn"),
+            "hopper": [(query_shard, WIN + "window_attention_xla"),
+                       (cudnn_window_fits, WIN + "window_attention_cudnn"),
                        (mosaic_range_fits, MOSAIC + "range_attention:window_attention"),
                        (always, WIN + "window_attention_xla")],
             "tpu": WIN + "window_attention_xla",

@@ -7,6 +7,8 @@ ops.dispatch.TABLE names these as "reference".
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -17,6 +19,32 @@ from nsa_jax.ops.masked_softmax import compute_dtype, masked_softmax_stats, norm
 
 def _f(x):
     return x.astype(compute_dtype(x))
+
+
+def whole_sequence(*per_query: int):
+    """Decorator for an oracle op whose positional arguments `per_query` are [B, Tq, ...] per query
+    row: with query_offset (q holds queries query_offset .. query_offset + Tq - 1 of the sequence
+    segment_ids [B, T] spans, `layout.query_layout`), it computes every query of the sequence, the
+    shard's rows placed in zeros, and returns the shard's rows. Queries are independent rows, so
+    this is exact, and the oracle is O(T^2) either way."""
+
+    def wrap(op):
+        @functools.wraps(op)
+        def call(*args, segment_ids=None, query_offset=None, **kwargs):
+            if query_offset is None:
+                return op(*args, segment_ids=segment_ids, **kwargs)
+            rows = args[0].shape[1]
+            length = layout.sequence_length(rows, segment_ids, query_offset)
+            place = lambda x: jax.lax.dynamic_update_slice_in_dim(
+                jnp.zeros((x.shape[0], length, *x.shape[2:]), x.dtype), x, query_offset, axis=1)
+            args = [place(x) if i in per_query else x for i, x in enumerate(args)]
+            out = op(*args, segment_ids=segment_ids, **kwargs)
+            return jax.tree.map(
+                lambda y: jax.lax.dynamic_slice_in_dim(y, query_offset, rows, axis=1), out)
+
+        return call
+
+    return wrap
 
 
 def _same_document(segment_ids, b, t):
@@ -61,6 +89,7 @@ def _compressed_mask(segment_ids, b, t, cfg):
     return inside & jnp.any(windows, axis=-1)[:, None]
 
 
+@whole_sequence(0)
 def compressed_attention(q, k_cmp, v_cmp, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     mask = _compressed_mask(segment_ids, b, t, cfg)[:, None]
@@ -111,6 +140,7 @@ def select_blocks(scores, cfg, *, segment_ids=None):
     return _top_n_by_sort(scores, local_pos[..., None], cfg)
 
 
+@whole_sequence(0, 2)
 def select(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     stop = jax.lax.stop_gradient
     scores = block_scores(stop(q), stop(k_cmp), stop(lse), cfg, segment_ids=segment_ids,
@@ -118,6 +148,7 @@ def select(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
     return select_blocks(scores, cfg, segment_ids=segment_ids)
 
 
+@whole_sequence(0, 3)
 def selected_attention(q, k, v, indices, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     doc = layout.document_starts(segment_ids, b, t)
@@ -129,6 +160,7 @@ def selected_attention(q, k, v, indices, cfg, *, segment_ids=None, scale):
     return _attend(q, k, v, jnp.moveaxis(mask, 2, 1), scale)[0]
 
 
+@whole_sequence(0)
 def window_attention(q, k, v, cfg, *, segment_ids=None, scale):
     b, t = q.shape[:2]
     dist = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]

@@ -75,13 +75,14 @@ def _scores_chunk(xs, shared, cfg, scale, num_blocks):
     return jnp.moveaxis(overlap_to_blocks(probs, index, cfg, num_blocks), 1, 2)
 
 
-def _score_inputs(q, k_cmp, lse, cfg, segment_ids):
+def _score_inputs(q, k_cmp, lse, cfg, segment_ids, query_offset=None):
     b, t = q.shape[:2]
-    lay = layout.compressed_layout(segment_ids, b, t, cfg)
-    doc_start = layout.document_starts(segment_ids, b, t)
+    length = layout.sequence_length(t, segment_ids, query_offset)
+    lay = layout.compressed_layout(segment_ids, b, length, cfg)
+    queries = layout.query_layout(segment_ids, b, t, query_offset)
     cd = compute_dtype(q)
     stop = jax.lax.stop_gradient
-    per_query = (stop(q), layout.positions(b, t), doc_start, stop(lse))
+    per_query = (stop(q), *queries, stop(lse))
     return per_query, (stop(k_cmp).astype(cd), lay.start, lay.index)
 
 
@@ -144,11 +145,11 @@ def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale, implementa
                         scale=scale)
 
 
-def select_xla(q, k_cmp, lse, cfg, *, segment_ids=None, scale):
-    """block_scores + select_blocks per query chunk, so [T, NB] scores never exist at once."""
-    b, t, _, _ = q.shape
-    num_blocks = cfg.num_blocks(t)
-    per_query, shared = _score_inputs(q, k_cmp, lse, cfg, segment_ids)
+def select_xla(q, k_cmp, lse, cfg, *, segment_ids=None, scale, query_offset=None):
+    """block_scores + select_blocks per query chunk, so [T, NB] scores never exist at once.
+    query_offset: q holds a shard of the queries (`layout.query_layout`)."""
+    num_blocks = cfg.num_blocks(layout.sequence_length(q.shape[1], segment_ids, query_offset))
+    per_query, shared = _score_inputs(q, k_cmp, lse, cfg, segment_ids, query_offset)
 
     def fn(xs, sh):
         scores = _scores_chunk(xs, sh, cfg, scale, num_blocks)
@@ -192,12 +193,13 @@ def _first_occurrence(indices):
     return (indices >= 0) & ~repeated
 
 
-def selected_attention_xla(q, k, v, indices, cfg, *, segment_ids=None, scale):
-    b, t, hq, _ = q.shape
-    hkv = k.shape[2]
+def selected_attention_xla(q, k, v, indices, cfg, *, segment_ids=None, scale, query_offset=None):
+    """query_offset: q and indices hold a shard of the queries (`layout.query_layout`); k and v
+    the whole sequence."""
+    b, tq, hq, _ = q.shape
+    t, hkv = k.shape[1:3]
     lp = cfg.select_block
     cd = compute_dtype(q)
-    doc_start = layout.document_starts(segment_ids, b, t)
 
     def chunk(xs, shared):
         q_c, pos_c, doc_c, idx_c = xs
@@ -217,4 +219,5 @@ def selected_attention_xla(q, k, v, indices, cfg, *, segment_ids=None, scale):
         return (o.reshape(b, c, hq, -1).astype(q.dtype),)
 
     shared = (jnp.moveaxis(k.astype(cd), 2, 1), jnp.moveaxis(v.astype(cd), 2, 1))
-    return map_query_chunks(chunk, (q, layout.positions(b, t), doc_start, indices), shared)[0]
+    queries = layout.query_layout(segment_ids, b, tq, query_offset)
+    return map_query_chunks(chunk, (q, *queries, indices), shared)[0]

@@ -43,13 +43,16 @@ def window_attention_cudnn(q, k, v, cfg, *, segment_ids=None, scale):
     return per_device(kernel, q, k, v)
 
 
-def window_attention_xla(q, k, v, cfg, *, segment_ids=None, scale):
-    b, t, hq, _ = q.shape
-    w = min(cfg.window, t)
-    chunk = min(QUERY_CHUNK, t)
+def window_attention_xla(q, k, v, cfg, *, segment_ids=None, scale, query_offset=None):
+    """query_offset: q holds a shard of the queries (`layout.query_layout`); k and v the whole
+    sequence."""
+    b, tq, hq, _ = q.shape
+    w = min(cfg.window, k.shape[1])
+    chunk = min(QUERY_CHUNK, tq)
     span = chunk + w - 1  # keys any query of a chunk can see
     cd = compute_dtype(q)
-    tail = -(-t // chunk) * chunk - t
+    # the last chunk's keys end at query_offset + (whole chunks) * chunk <= T + this tail
+    tail = -(-tq // chunk) * chunk - tq
     pad = [(0, 0), (w - 1, tail), (0, 0), (0, 0)]
     k_p, v_p = (jnp.pad(x.astype(cd), pad) for x in (k, v))
 
@@ -67,5 +70,5 @@ def window_attention_xla(q, k, v, cfg, *, segment_ids=None, scale):
         o = jnp.einsum("bhgcs,bshd->bchgd", probs, v_c, precision="highest")
         return (o.reshape(b, -1, hq, v.shape[-1]).astype(q.dtype),)
 
-    doc_start = layout.document_starts(segment_ids, b, t)
-    return map_query_chunks(fn, (q, layout.positions(b, t), doc_start), (k_p, v_p), chunk=chunk)[0]
+    queries = layout.query_layout(segment_ids, b, tq, query_offset)
+    return map_query_chunks(fn, (q, *queries), (k_p, v_p), chunk=chunk)[0]

@@ -19,11 +19,11 @@ def initialize_if_asked(asked: bool) -> None:
                                process_id=number("JAX_PROCESS_ID"))
 
 
-def local_rows(sharding: jax.sharding.Sharding, batch_size: int) -> range:
-    """The rows of a [batch_size, ...] array that this process's devices hold under `sharding`
-    (contiguous: the mesh lists each process's devices together)."""
-    starts, stops = zip(*(index[0].indices(batch_size)[:2] for index in
-                          sharding.addressable_devices_indices_map((batch_size,)).values()))
+def local_rows(sharding: jax.sharding.Sharding, batch_shape: tuple[int, ...]) -> range:
+    """The rows of a batch array of `batch_shape` [B, ...] that this process's devices hold under
+    `sharding` (contiguous: the mesh lists each process's devices together)."""
+    starts, stops = zip(*(index[0].indices(batch_shape[0])[:2] for index in
+                          sharding.addressable_devices_indices_map(batch_shape).values()))
     return range(min(starts), max(stops))
 
 

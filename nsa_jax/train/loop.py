@@ -16,7 +16,8 @@ from nsa_jax.train.metrics import MetricsLog, plot_losses
 from nsa_jax.train.optimizer import learning_rate_schedule, make_optimizer, warmup_steps
 from nsa_jax.train.progress import Progress, format_eval_line, format_train_line
 from nsa_jax.train.run_config import RunConfig, resolve
-from nsa_jax.train.sharding import batch_sharding, check_batch_size, make_mesh, state_shardings
+from nsa_jax.train.sharding import (batch_sharding, check_batch_size, check_sequence_length,
+                                    make_mesh, state_shardings)
 from nsa_jax.train.step import make_eval_step, make_train_step
 from nsa_jax.train.trained_run import new_model
 from nsa_jax.train.workdir import prepare_workdir
@@ -66,11 +67,12 @@ class Trainer:
         self.schedule = learning_rate_schedule(run.optimizer, steps)
         self.mesh = make_mesh(run.mesh)
         check_batch_size(run.data.batch_size, self.mesh)
+        check_sequence_length(run.data.seq_len, self.mesh)
         self.lead = jax.process_index() == 0  # the one process that logs, prints and plots
         (model_def, opt_def), (self.model_state, self.opt_state), shardings, self.num_params = (
             sharded_start(run, self.mesh))
         self.batch_sharding = batch_sharding(self.mesh)
-        self.rows = local_rows(self.batch_sharding, run.data.batch_size)
+        self.rows = local_rows(self.batch_sharding, (run.data.batch_size, run.data.seq_len))
         self.train_step = make_train_step(model_def, opt_def, (*shardings, self.batch_sharding),
                                           run.train.loss_normalization)
         self._eval_step = make_eval_step(model_def, (shardings[0], self.batch_sharding))
@@ -141,7 +143,8 @@ class Trainer:
                 f"parameters ({r.model.num_layers} layers, d_model {r.model.d_model}); batch "
                 f"{d.batch_size} x {d.seq_len} tokens; {r.train.steps} steps on "
                 f"{jax.default_backend()}, mesh data={mesh.shape['data']} x "
-                f"fsdp={mesh.shape['fsdp']} ({mesh.size} of {jax.device_count()} device(s), "
+                f"fsdp={mesh.shape['fsdp']} x context={mesh.shape['context']} "
+                f"({mesh.size} of {jax.device_count()} device(s), "
                 f"{jax.process_count()} process(es)); {where}; workdir {self.workdir}")
 
     def _report(self, step: int, metrics) -> None:

@@ -17,9 +17,11 @@ from nsa_jax.config import (ModelConfig, NSAConfig, check_keys, from_mapping, re
                             require_choice, require_int, require_number)
 from nsa_jax.data import PASSKEY_DIGITS, VOCAB_SIZE, DataConfig, passkey_min_length
 from nsa_jax.models import LOSS_NORMALIZATIONS, matching_mlp_hidden, num_params
+from nsa_jax.ops.context_parallel import CONTEXT_AXIS
 
 SECTIONS = ("data", "model", "optimizer", "mesh", "eval")
-AXES = ("data", "fsdp")  # the device mesh's axes (sharding.py)
+AXES = ("data", "fsdp", CONTEXT_AXIS)  # the device mesh's axes (sharding.py)
+ROW_AXES = AXES[:2]  # the axes that split the batch's rows; CONTEXT_AXIS splits its sequences
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,34 +115,37 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
-    """data x fsdp devices (one of them may be -1: all devices the other leaves). A mesh smaller
-    than the machine uses its first data * fsdp devices (single process only). distributed=True
-    calls jax.distributed.initialize() before anything touches a device (also done whenever
-    JAX_COORDINATOR_ADDRESS is set)."""
+    """data x fsdp x context devices (data or fsdp may be -1: all devices the others leave). A
+    mesh smaller than the machine uses its first data * fsdp * context devices (single process
+    only). context > 1 splits every sequence over that many devices (context parallelism,
+    nsa_jax.ops.context_parallel). distributed=True calls jax.distributed.initialize() before
+    anything touches a device (also done whenever JAX_COORDINATOR_ADDRESS is set)."""
 
     data: int = 1
     fsdp: int = -1
+    context: int = 1
     distributed: bool = False
 
     def __post_init__(self):
-        for key in AXES:
+        for key in ROW_AXES:
             value = getattr(self, key)
             if value != -1:
                 require_int(f"config mesh.{key}", value, 1)
+        require_int("config mesh.context", self.context, 1)
         if self.data == self.fsdp == -1:
             raise ValueError("config mesh.data and mesh.fsdp cannot both be -1 (fill); set one "
                              "of them to a device count")
         require_bool("config mesh.distributed", self.distributed)
 
-    def sizes(self, num_devices: int) -> tuple[int, int]:
-        """(data, fsdp) with -1 filled in for `num_devices` devices."""
-        fixed = math.prod(s for s in (self.data, self.fsdp) if s != -1)
-        if fixed > num_devices or (-1 in (self.data, self.fsdp) and num_devices % fixed):
-            fill = " (-1 fills the rest, so the other size must divide it)" if -1 in (
-                self.data, self.fsdp) else ""
-            raise ValueError(f"config mesh data={self.data} x fsdp={self.fsdp} does not fit the "
-                             f"{num_devices} device(s) here{fill}")
-        return tuple(num_devices // fixed if s == -1 else s for s in (self.data, self.fsdp))
+    def sizes(self, num_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, context) with -1 filled in for `num_devices` devices."""
+        given = (self.data, self.fsdp, self.context)
+        fixed = math.prod(s for s in given if s != -1)
+        if fixed > num_devices or (-1 in given and num_devices % fixed):
+            fill = " (-1 fills the rest, so the other sizes must divide it)" if -1 in given else ""
+            raise ValueError(f"config mesh data={self.data} x fsdp={self.fsdp} x context="
+                             f"{self.context} does not fit the {num_devices} device(s) here{fill}")
+        return tuple(num_devices // fixed if s == -1 else s for s in given)
 
 
 @dataclasses.dataclass(frozen=True)

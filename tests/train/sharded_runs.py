@@ -3,7 +3,9 @@
 
     python tests/sharded_runs.py WORKDIR     # -> WORKDIR/results.json
 
-One 1-device and one 8-device run of the shrunk tiny config; the 8-device run's middle checkpoint
+One 1-device, one 8-device (data=2 x fsdp=4) and one context-parallel (data=2 x fsdp=2 x
+context=2, every sequence split over 2 devices) run of the shrunk tiny config; the 8-device run's
+middle checkpoint
 resumed on 1 and on 4 devices; the Pallas kernel under a 4-device mesh against the xla
 implementation; the trainer's error for a batch the mesh cannot split.
 """
@@ -70,15 +72,29 @@ def pallas_under_mesh() -> dict:
     return {"shard_map": per_device, "max_rel_error": error}
 
 
+def context_split_in_trainer_mesh() -> bool:
+    """Whether nsa_attention under the context run's mesh (data=2 x fsdp=2 x context=2, as the
+    trainer sets it) traces a shard_map that all-gathers over "context"."""
+    x = jnp.zeros((4, 64, 2, 16))
+    gates = jnp.zeros((4, 64, 2, 3))
+    with jax.set_mesh(make_mesh(MeshSettings(data=2, fsdp=2, context=2))):
+        trace = str(jax.make_jaxpr(lambda x, gates: ops.nsa_attention(
+            x, x, x, gates, NSAConfig(compress_block=8, compress_stride=4, select_block=16,
+                                      num_selected=4, window=16), implementation="xla"))(x, gates))
+    return "shard_map" in trace and "all_gather" in trace and "context" in trace
+
+
 def main(root: pathlib.Path) -> None:
     share_compilations(root / "jax_cache")
     results = {}
-    for name, (data, fsdp) in {"one": (1, 1), "eight": (2, 4)}.items():
-        train(config(data, fsdp), root / name)
+    for name, (data, fsdp, context) in {"one": (1, 1, 1), "eight": (2, 4, 1),
+                                        "context": (2, 2, 2)}.items():
+        train(config(data, fsdp, **{"mesh.context": context}), root / name)
         results[name] = losses(root / name)
     results["eight_on_one"] = resume_on(root / "eight", root / "eight_on_one", 1, 1)
     results["eight_on_four"] = resume_on(root / "eight", root / "eight_on_four", 1, 4)
     results["pallas"] = pallas_under_mesh()
+    results["context_split"] = context_split_in_trainer_mesh()
     try:
         train(config(2, 4, **{"data.batch_size": 12}), root / "bad_batch")
     except ValueError as error:

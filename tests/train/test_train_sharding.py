@@ -45,6 +45,13 @@ def test_eight_devices_follow_the_one_device_loss_trajectory(runs):
     assert runs["eight"]["6"] < runs["eight"]["1"] - 0.3
 
 
+def test_context_parallel_run_follows_the_one_device_loss_trajectory(runs):
+    """data=2 x fsdp=2 x context=2: nsa_attention splits every sequence over 2 devices."""
+    assert runs["context_split"]
+    np.testing.assert_allclose(as_array(runs["context"], range(1, 7)),
+                               as_array(runs["one"], range(1, 7)), rtol=RTOL)
+
+
 @pytest.mark.parametrize("run, devices, embedding_spec", [
     ("eight_on_one", 1, "P()"), ("eight_on_four", 4, "P(None, 'fsdp')")])
 def test_checkpoint_written_on_eight_devices_resumes_on_fewer(runs, run, devices, embedding_spec):
@@ -93,7 +100,8 @@ def test_batch_the_mesh_cannot_split_is_a_clear_error(runs):
 
 
 @pytest.mark.parametrize("mesh, devices, sizes", [
-    ((1, -1), 8, (1, 8)), ((-1, 2), 8, (4, 2)), ((2, 2), 8, (2, 2)), ((1, -1), 1, (1, 1))])
+    ((1, -1), 8, (1, 8, 1)), ((-1, 2), 8, (4, 2, 1)), ((2, 2), 8, (2, 2, 1)),
+    ((1, -1), 1, (1, 1, 1)), ((1, -1, 2), 8, (1, 4, 2)), ((-1, 1, 4), 8, (2, 1, 4))])
 def test_minus_one_fills_the_remaining_devices(mesh, devices, sizes):
     assert MeshSettings(*mesh).sizes(devices) == sizes
 
@@ -101,6 +109,7 @@ def test_minus_one_fills_the_remaining_devices(mesh, devices, sizes):
 @pytest.mark.parametrize("changes, message", [
     ({"mesh.data": 0}, "mesh.data must be an int >= 1"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "cannot both be -1"),
+    ({"mesh.context": -1}, "mesh.context must be an int >= 1"),
 ])
 def test_bad_mesh_config_is_a_clear_error(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -116,9 +125,10 @@ def test_unknown_mesh_key_and_non_bool_distributed_are_clear_errors():
         MeshSettings(distributed="yes")
 
 
-@pytest.mark.parametrize("mesh, devices", [((3, -1), 8), ((4, 4), 8)])
+@pytest.mark.parametrize("mesh, devices", [((3, -1, 1), 8), ((4, 4, 1), 8), ((1, -1, 3), 8)])
 def test_mesh_that_does_not_fit_the_devices_is_a_clear_error(mesh, devices):
-    with pytest.raises(ValueError, match=rf"mesh data={mesh[0]} x fsdp={mesh[1]} does not fit"):
+    with pytest.raises(ValueError, match=rf"mesh data={mesh[0]} x fsdp={mesh[1]} x "
+                                         rf"context={mesh[2]} does not fit"):
         MeshSettings(*mesh).sizes(devices)
 
 
