@@ -1,0 +1,175 @@
+"""NSA vs full attention in the model, on one GPU (issue 18 item 3): training tokens/s measured with
+the trainer itself, the ratios against the targets, and a profile of one NSA training step.
+
+    python experiments/bench_model.py [--steps 24] [--models nsa_8k,full_8k_packed,...]
+    python experiments/bench_model.py --smoke           # CPU, toy sizes, every part (< 2 min)
+
+1. Throughput: each model (ARMS) is `python -m nsa_jax.train --config ...` in its own process,
+   one after another, shrunk to --steps steps with evaluation and checkpointing only at the ends
+   (experiments/trainer_throughput.py); tokens/s = mean of the logged tokens_per_s after the
+   first log window (compilation excluded). configs/small_nsa.py vs configs/small_full.py at 8k
+   (batch 4), configs/long_32k.py vs the same with model.attention=full at 32k (batch 1; the way
+   small_full differs from small_nsa). The full models run with packed rows (documents packed: a
+   dense [T, T] document mask goes to the attention) and unpacked ones (data.packed=false: no
+   segment ids, plain causal attention), so a slow baseline cannot flatter the ratio: the ratios
+   NSA/full are given against both, with PASS/MISS against the targets (>= 1.0x at 8k, >= 3x at
+   32k).
+2. Profile: in this process, after the runs (so the trainers had the GPU to themselves), the
+   trainer's own train step for --profile-model, compiled, then --profile-steps steps under
+   jax.profiler; kernel time by category (experiments/step_profile.py), ms per step and share.
+
+Prints the tables; with --out (default $OUT when set) also writes bench_model.json and
+bench_model.md there, the throughput ones after every run. Extra arguments (--config.key=value)
+override every model's config. Default sizes fit about 4 minutes on an H200 (estimate: ~40 s of
+start-up, compilation and evaluation per run, 24 steps of 32k tokens at 100k-300k tokens/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from experiments.trainer_throughput import shrunk_overrides, trainer_throughput  # noqa: E402
+
+FULL = "--config.model.attention=full"
+UNPACKED = "--config.data.packed=false"
+# name -> (context label, config file, overrides); the first arm of a context is its NSA model
+ARMS = {
+    "nsa_8k": ("8k", "configs/small_nsa.py", ()),
+    "full_8k_packed": ("8k", "configs/small_full.py", ()),
+    "full_8k_unpacked": ("8k", "configs/small_full.py", (UNPACKED,)),
+    "nsa_32k": ("32k", "configs/long_32k.py", ()),
+    "full_32k_packed": ("32k", "configs/long_32k.py", (FULL,)),
+    "full_32k_unpacked": ("32k", "configs/long_32k.py", (FULL, UNPACKED)),
+}
+TARGETS = {"8k": 1.0, "32k": 3.0}  # NSA tokens/s over full attention's (issue 18)
+# --smoke: every arm on the CPU at toy size; "32k" stands for twice the "8k" length there
+SMOKE_CONFIG = "configs/tiny.py"
+SMOKE_OVERRIDES = {"8k": ("--config.data.seq_len=128",), "32k": ("--config.data.seq_len=256",)}
+SMOKE_SHRINK = ("--config.data.batch_size=2", "--config.model.num_layers=1",
+                "--config.model.d_model=64", "--config.model.mlp_hidden=128")
+
+
+def arm_command(name: str, smoke: bool) -> tuple[str, list[str]]:
+    """-> (config file, overrides) of arm `name`; --smoke swaps in the tiny config."""
+    context, config, overrides = ARMS[name]
+    if smoke:  # the tiny NSA model; a full arm's attention swap made explicit
+        swap = (FULL,) if name.startswith("full_") else ()
+        return SMOKE_CONFIG, [*SMOKE_SHRINK, *SMOKE_OVERRIDES[context], *swap,
+                              *(o for o in overrides if o != FULL)]
+    return config, list(overrides)
+
+
+def throughput_table(results: dict) -> str:
+    lines = ["| model | config | tokens/s | final loss | peak GiB | wall (s) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+        lines.append(f"| {name} | {r['config']} {' '.join(r['overrides'])} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['loss']:.3f} | {peak} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def ratios(results: dict) -> list[dict]:
+    """NSA tokens/s over each full-attention arm of the same context that was run."""
+    rows = []
+    for context, target in TARGETS.items():
+        nsa = results.get(f"nsa_{context}")
+        for layout in ("packed", "unpacked"):
+            full = results.get(f"full_{context}_{layout}")
+            if nsa and full:
+                ratio = nsa["tokens_per_s"] / full["tokens_per_s"]
+                rows.append({"context": context, "baseline": f"full, {layout} rows",
+                             "ratio": ratio, "target": target,
+                             "verdict": "PASS" if ratio >= target else "MISS"})
+    return rows
+
+
+def ratio_table(rows: list[dict]) -> str:
+    lines = ["| context | NSA / | ratio | target | |", "|---|---|---|---|---|"]
+    lines += [f"| {r['context']} | {r['baseline']} | {r['ratio']:.2f}x | >= {r['target']:.1f}x | "
+              f"{r['verdict']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(out: pathlib.Path | None, report: dict, markdown: str) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_model.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "bench_model.md").write_text(markdown + "\n")
+
+
+def run_arms(names: list[str], args, extra: list[str], report: dict) -> str:
+    """Trains each arm in turn; -> the markdown of the throughput and ratio tables."""
+    markdown = ""
+    with tempfile.TemporaryDirectory() as root:
+        for name in names:
+            config, overrides = arm_command(name, args.smoke)
+            overrides += extra
+            result = trainer_throughput(config, pathlib.Path(root) / name, args.steps, overrides)
+            print(result.pop("header"), flush=True)
+            report["throughput"][name] = {"config": config, "overrides": overrides, **result}
+            report["ratios"] = ratios(report["throughput"])
+            markdown = (f"## Training throughput ({args.steps} steps per model)\n\n"
+                        f"{throughput_table(report['throughput'])}\n\n{ratio_table(report['ratios'])}")
+            print(markdown, flush=True)
+            write(args.out, report, markdown)
+    return markdown
+
+
+def run_profile(args, extra: list[str], report: dict) -> str:
+    """Profiles --profile-model's train step in this process; -> the table's markdown."""
+    from nsa_jax.train import parse_train_args
+    from experiments.step_profile import profile_table, profile_train_step
+
+    config, overrides = arm_command(args.profile_model, args.smoke)
+    config_dict, _ = parse_train_args(["--config", config, *shrunk_overrides(args.steps),
+                                       *overrides, *extra])
+    trace_dir = (args.out / "trace") if args.out else None
+    profile = profile_train_step(config_dict, args.profile_steps, trace_dir)
+    report["profile"] = {"model": args.profile_model, **profile}
+    table = profile_table(profile)
+    top = "\n".join(f"| {c} | {k[:60]} | {op} | {ms:.3f} |" for c, k, op, ms in profile["top"])
+    return (f"## Where one {args.profile_model} training step's device time goes "
+            f"({profile['kernels']} kernel events over {args.profile_steps} steps)\n\n{table}\n\n"
+            f"| category | kernel | HLO op | ms per step |\n|---|---|---|---|\n{top}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=24, help="steps per training run")
+    parser.add_argument("--models", default=",".join(ARMS),
+                        help=f"comma-separated, from {', '.join(ARMS)}")
+    parser.add_argument("--profile-model", default="nsa_8k", help="'' to skip the profile")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes, 6 steps")
+    parser.add_argument("--out", type=pathlib.Path,
+                        default=pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    args, extra = parser.parse_known_args()
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names + [args.profile_model] if n and n not in ARMS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(ARMS)}")
+    if args.smoke:
+        args.steps = 6
+    started = time.perf_counter()
+    report = {"argv": sys.argv[1:], "throughput": {}, "ratios": []}
+    markdown = run_arms(names, args, extra, report)
+    if args.profile_model:
+        profile = run_profile(args, extra, report)
+        print(profile, flush=True)
+        markdown += "\n\n" + profile
+    report["wall_s"] = time.perf_counter() - started
+    write(args.out, report, markdown)
+    print(f"bench_model: {report['wall_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
