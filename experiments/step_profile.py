@@ -28,6 +28,8 @@ CATEGORIES = (
     ("window branch", ("window_attention",)),
     ("selected branch", ("selected_attention", "nsa_selected")),
     ("compressed branch", ("compressed_attention", "nsa_compressed")),
+    # the Mosaic range kernel serves both branches; its frames may not say which
+    ("compressed or window branch", ("range_attention",)),
     ("selection/scoring", ("ops/selection.py", "selection_rule", "block_scores", "select_blocks",
                            "nsa_select")),  # not bare "select": XLA's select op names fusions
     ("compressor", ("compress",)),
@@ -97,16 +99,17 @@ def instruction_sources(hlo_text: str) -> dict[str, str]:
 
 
 def kernel_events(trace: dict, module: str) -> list[dict]:
-    """The X events of HLO module `module` that ran on a device: GPU stream events when the trace
-    has a GPU, else the CPU thunks that hold no other thunk."""
+    """The X events of HLO module `module` (or a name starting with it) that ran on a device:
+    those of the GPU processes (their stream threads when named so, not the derived "XLA Ops"
+    lines) when the trace has a GPU, else the CPU thunks; leaves only (nothing counted twice)."""
     events = trace["traceEvents"]
     names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
-    ops = [e for e in events if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") == module
-           and "hlo_op" in e["args"]]
-    gpu = [e for e in ops if names.get((e["pid"], None), "").startswith("/device:GPU")
-           and names.get((e["pid"], e.get("tid")), "").startswith("Stream")]
-    return gpu if gpu else _leaves(ops)
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
+           and str(e["args"].get("hlo_module", "")).startswith(module)]
+    gpu = [e for e in ops if names.get((e["pid"], None), "").startswith("/device:GPU")]
+    streams = [e for e in gpu if "stream" in names.get((e["pid"], e.get("tid")), "").lower()]
+    return _leaves(streams or gpu or ops)
 
 
 def _leaves(events: list[dict]) -> list[dict]:
