@@ -1,7 +1,7 @@
 """NSA vs full attention in the model, on one GPU (issue 18 item 3): training tokens/s measured with
 the trainer itself, the ratios against the targets, and a profile of one NSA training step.
 
-    python experiments/bench_model.py [--steps 24] [--models nsa_8k,full_8k_packed,...]
+    python experiments/bench_model.py [--steps 18] [--models nsa_8k,full_8k_packed,...]
     python experiments/bench_model.py --smoke           # CPU, toy sizes, every part (< 2 min)
 
 1. Throughput: each model (ARMS) is `python -m nsa_jax.train --config ...` in its own process,
@@ -20,13 +20,18 @@ the trainer itself, the ratios against the targets, and a profile of one NSA tra
 
 Prints the tables; with --out (default $OUT when set) also writes bench_model.json and
 bench_model.md there, the throughput ones after every run. Extra arguments (--config.key=value)
-override every model's config. Default sizes fit about 4 minutes on an H200 (estimate: ~40 s of
-start-up, compilation and evaluation per run, 24 steps of 32k tokens at 100k-300k tokens/s).
+override every model's config. Runs and the profile share a persistent compilation cache (the
+profile's step is the nsa_8k trainer's program). Time: the trainer's steps are cheap (0.1-0.55 s
+each on an H200 at these shapes, docs/benchmarks.md) but each run pays start-up, compilation and
+two evaluations, about 1-2 minutes for NSA by bench_scaling's runs; --budget-s (540) starts no
+run or profile that the longest run so far says would end past it, and the report names what it
+skipped, to run with --models in a second call.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -49,6 +54,8 @@ ARMS = {
     "full_32k_packed": ("32k", "configs/long_32k.py", (FULL,)),
     "full_32k_unpacked": ("32k", "configs/long_32k.py", (FULL, UNPACKED)),
 }
+# run in this order, the ones every ratio needs first (full_32k_unpacked: --models)
+DEFAULT_ARMS = ("nsa_8k", "full_8k_packed", "full_8k_unpacked", "nsa_32k", "full_32k_packed")
 TARGETS = {"8k": 1.0, "32k": 3.0}  # NSA tokens/s over full attention's (issue 18)
 # --smoke: every arm on the CPU at toy size; "32k" stands for twice the "8k" length there
 SMOKE_CONFIG = "configs/tiny.py"
@@ -106,28 +113,58 @@ def write(out: pathlib.Path | None, report: dict, markdown: str) -> None:
         (out / "bench_model.md").write_text(markdown + "\n")
 
 
-def run_arms(names: list[str], args, extra: list[str], report: dict) -> str:
-    """Trains each arm in turn; -> the markdown of the throughput and ratio tables."""
+def compilation_cache(root: pathlib.Path) -> dict:
+    """Environment for a persistent compilation cache in `root`, shared by the trainers and this
+    process: the profile's NSA step is the program its trainer compiled (same config and
+    overrides), so it is read back instead of compiled again."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def over_budget(args, started: float, longest_s: float, what: str, report: dict) -> bool:
+    """True (and noted in the report) if `what`, estimated at `longest_s`, would end past
+    --budget-s."""
+    left = args.budget_s - (time.perf_counter() - started)
+    if longest_s <= left:
+        return False
+    note = f"skipped {what}: would take ~{longest_s:.0f} s, {max(left, 0):.0f} s of --budget-s left"
+    print(note, flush=True)
+    report["skipped"].append(note)
+    return True
+
+
+def run_arms(names: list[str], args, extra: list[str], report: dict, env: dict,
+             root: pathlib.Path, started: float) -> str:
+    """Trains each arm in turn (none started that would end past --budget-s, judged by the
+    longest run so far); -> the markdown of the throughput and ratio tables."""
     markdown = ""
-    with tempfile.TemporaryDirectory() as root:
-        for name in names:
-            config, overrides = arm_command(name, args.smoke)
-            overrides += extra
-            result = trainer_throughput(config, pathlib.Path(root) / name, args.steps, overrides)
-            print(result.pop("header"), flush=True)
-            report["throughput"][name] = {"config": config, "overrides": overrides, **result}
-            report["ratios"] = ratios(report["throughput"])
-            markdown = (f"## Training throughput ({args.steps} steps per model)\n\n"
-                        f"{throughput_table(report['throughput'])}\n\n{ratio_table(report['ratios'])}")
-            print(markdown, flush=True)
-            write(args.out, report, markdown)
+    for name in names:
+        walls = [r["wall_s"] for r in report["throughput"].values()]
+        if over_budget(args, started, max(walls, default=0.0), name, report):
+            continue
+        config, overrides = arm_command(name, args.smoke)
+        overrides += extra
+        result = trainer_throughput(config, root / name, args.steps, overrides, env)
+        print(result.pop("header"), flush=True)
+        report["throughput"][name] = {"config": config, "overrides": overrides, **result}
+        report["ratios"] = ratios(report["throughput"])
+        markdown = (f"## Training throughput ({args.steps} steps per model)\n\n"
+                    f"{throughput_table(report['throughput'])}\n\n{ratio_table(report['ratios'])}")
+        print(markdown, flush=True)
+        write(args.out, report, markdown)
     return markdown
 
 
-def run_profile(args, extra: list[str], report: dict) -> str:
+def run_profile(args, extra: list[str], report: dict, env: dict) -> str:
     """Profiles --profile-model's train step in this process; -> the table's markdown."""
-    from nsa_jax.train import parse_train_args
+    import jax
+
     from experiments.step_profile import profile_table, profile_train_step
+    from nsa_jax.train import parse_train_args
+
+    for key, value in env.items():  # the trainers' compilation cache
+        jax.config.update(key.lower(), value if key.endswith("DIR") else int(value))
 
     config, overrides = arm_command(args.profile_model, args.smoke)
     config_dict, _ = parse_train_args(["--config", config, *shrunk_overrides(args.steps),
@@ -144,12 +181,15 @@ def run_profile(args, extra: list[str], report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24, help="steps per training run")
-    parser.add_argument("--models", default=",".join(ARMS),
+    parser.add_argument("--steps", type=int, default=18, help="steps per training run")
+    parser.add_argument("--models", default=",".join(DEFAULT_ARMS),
                         help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--profile-model", default="nsa_8k", help="'' to skip the profile")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes, 6 steps")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="start no run or profile that would end past this many seconds")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, toy sizes, 6 steps, no --budget-s")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args, extra = parser.parse_known_args()
@@ -158,14 +198,20 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(ARMS)}")
     if args.smoke:
-        args.steps = 6
+        args.steps, args.budget_s = 6, math.inf
     started = time.perf_counter()
-    report = {"argv": sys.argv[1:], "throughput": {}, "ratios": []}
-    markdown = run_arms(names, args, extra, report)
-    if args.profile_model:
-        profile = run_profile(args, extra, report)
-        print(profile, flush=True)
-        markdown += "\n\n" + profile
+    report = {"argv": sys.argv[1:], "throughput": {}, "ratios": [], "skipped": []}
+    with tempfile.TemporaryDirectory() as root:
+        env = compilation_cache(pathlib.Path(root))
+        markdown = run_arms(names, args, extra, report, env, pathlib.Path(root), started)
+        profiled = report["throughput"].get(args.profile_model, {})
+        if args.profile_model and not over_budget(args, started, profiled.get("wall_s", 0.0),
+                                                  "the profile", report):
+            profile = run_profile(args, extra, report, env)
+            print(profile, flush=True)
+            markdown += "\n\n" + profile
+    if report["skipped"]:
+        markdown += "\n\n" + "\n".join(f"* {note}" for note in report["skipped"])
     report["wall_s"] = time.perf_counter() - started
     write(args.out, report, markdown)
     print(f"bench_model: {report['wall_s']:.0f} s", flush=True)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+FIRST_STEP = re.compile(r"compiled and ran the first step in ([\d.]+) s")  # the trainer's line
 
 
 def shrunk_overrides(steps: int) -> list[str]:
@@ -37,7 +39,8 @@ def trainer_throughput(config: str, workdir: pathlib.Path, steps: int, overrides
     """Trains `config` (a config file path, relative to the repository or absolute) for `steps`
     steps in `workdir` (fresh) with `overrides` (--config.key=value strings, after the shrinking
     ones so they win) -> {"tokens_per_s", "loss", "val_loss", "peak_memory_gib" (GPU only, else
-    None), "wall_s", "header"}. Exits with the trainer's output tail if it fails."""
+    None), "first_step_s" (compilation and the first step), "wall_s", "header"}; `env` entries
+    are added to the trainer's environment. Exits with the trainer's output tail if it fails."""
     command = [sys.executable, "-m", "nsa_jax.train", "--config", str(config),
                "--workdir", str(workdir), *shrunk_overrides(steps), *overrides]
     started = time.perf_counter()
@@ -53,4 +56,5 @@ def trainer_throughput(config: str, workdir: pathlib.Path, steps: int, overrides
     return {"tokens_per_s": statistics.mean(steady), "loss": train[-1]["loss"],
             "val_loss": [r for r in records if "val_loss" in r][-1]["val_loss"],
             "peak_memory_gib": train[-1].get("peak_memory_gib"),
+            "first_step_s": float(first[1]) if (first := FIRST_STEP.search(done.stdout)) else None,
             "wall_s": time.perf_counter() - started, "header": done.stdout.splitlines()[0]}

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.bench_model import ARMS, TARGETS, ratios
+from experiments.bench_model import ARMS, DEFAULT_ARMS, TARGETS, ratios
 from experiments.step_profile import CATEGORIES, OTHER, categorize, instruction_sources
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -67,10 +67,10 @@ def test_smoke_runs_every_model_and_the_profile(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     report = json.loads((tmp_path / "bench_model.json").read_text())
-    assert set(report["throughput"]) == set(ARMS)
+    assert list(report["throughput"]) == list(DEFAULT_ARMS) and not report["skipped"]
     assert all(r["tokens_per_s"] > 0 for r in report["throughput"].values())
     assert "--config.data.packed=false" in report["throughput"]["full_8k_unpacked"]["overrides"]
-    assert len(report["ratios"]) == 4 and {r["verdict"] for r in report["ratios"]} <= {"PASS",
+    assert len(report["ratios"]) == 3 and {r["verdict"] for r in report["ratios"]} <= {"PASS",
                                                                                         "MISS"}
     # the profile of the CPU trace: every kernel in exactly one category
     profile = report["profile"]
