@@ -75,12 +75,14 @@ def arm_command(name: str, smoke: bool) -> tuple[str, list[str]]:
 
 
 def throughput_table(results: dict) -> str:
-    lines = ["| model | config | tokens/s | final loss | peak GiB | wall (s) |",
-             "|---|---|---|---|---|---|"]
+    """Markdown, one row per run (its overrides are in the JSON report)."""
+    lines = ["| model | config | tokens/s | first step (s) | final loss | peak GiB | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        lines.append(f"| {name} | {r['config']} {' '.join(r['overrides'])} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['loss']:.3f} | {peak} | {r['wall_s']:.0f} |")
+        first = "-" if r["first_step_s"] is None else f"{r['first_step_s']:.0f}"
+        lines.append(f"| {name} | {r['config']} | {r['tokens_per_s']:,.0f} | {first} | "
+                     f"{r['loss']:.3f} | {peak} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -5,9 +5,10 @@ steps of the trainer's own train step, its kernels summed by category.
 
 Each kernel event of the trace (perfetto JSON) carries the HLO instruction it runs (`hlo_op`).
 The compiled module's text gives that instruction's metadata: op_name and the Python
-file:function it came from (a fusion: those of every op it fuses). The first CATEGORIES rule whose
-words occur in the kernel name, the HLO op or that metadata names the category; the rest is "other" (embedding, norms, loss, ...). A backward kernel keeps its forward's source, so each category is
-forward + backward. On a GPU the kernels are the device streams' events; on a CPU (tests, --smoke)
+file:function it came from (a fusion: those of every op it fuses). The first CATEGORIES rule
+whose words occur in the kernel name, the HLO op or that metadata names the category; the rest is
+"other" (embedding, norms, loss, ...). A backward kernel keeps its forward's source, so each
+category is forward + backward. On a GPU the kernels are the device streams' events; on a CPU (tests, --smoke)
 the thunks the CPU client runs, leaves only (a while loop's thunk holds its body's).
 """
 from __future__ import annotations
