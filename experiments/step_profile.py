@@ -35,7 +35,8 @@ CATEGORIES = (
                            "nsa_select")),  # not bare "select": XLA's select op names fusions
     ("compressor", ("compress",)),
     ("full attention", ("dense_attention", "dot_product_attention")),
-    ("attention, branch unknown", ("chunking.py",)),  # query chunks of the xla branches
+    # the xla branches' query chunks, the dense oracle ("reference", tiny.py's implementation)
+    ("attention, branch unknown", ("chunking.py", "ops/reference.py")),
     ("MLP/matmuls", ("layers/mlp.py", "nn/linear.py", "gemm", "cublas", "nvjet", "xmma",
                      "cutlass")),  # the projections' and MLP's dense layers
     ("attention gates/combine", ("nsa_attention.py",)),
