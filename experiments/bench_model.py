@@ -1,5 +1,7 @@
-"""NSA vs full attention in the model, on one GPU (issue 18 item 3): training tokens/s measured with
-the trainer itself, the ratios against the targets, and a profile of one NSA training step.
+"""NSA vs full attention in the model on one GPU (issue 18 item 3): trainer tokens/s and profile.
+
+Training tokens/s measured with the trainer itself, the ratios NSA/full against the targets, and
+a profile of one NSA training step.
 
     python experiments/bench_model.py [--steps 18] [--models nsa_8k,full_8k_packed,...]
     python experiments/bench_model.py --smoke           # CPU, toy sizes, every part (< 2 min)
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -158,8 +161,9 @@ def run_arms(names: list[str], args, extra: list[str], report: dict, env: dict,
     return markdown
 
 
-def run_profile(args, extra: list[str], report: dict, env: dict) -> str:
-    """Profiles --profile-model's train step in this process; -> the table's markdown."""
+def run_profile(args, extra: list[str], report: dict, env: dict, root: pathlib.Path) -> str:
+    """Profiles --profile-model's train step in this process (the trace in `root`, its perfetto
+    file copied to --out as step_trace.json.gz); -> the tables' markdown."""
     import jax
 
     from experiments.step_profile import profile_table, profile_train_step
@@ -171,9 +175,13 @@ def run_profile(args, extra: list[str], report: dict, env: dict) -> str:
     config, overrides = arm_command(args.profile_model, args.smoke)
     config_dict, _ = parse_train_args(["--config", config, *shrunk_overrides(args.steps),
                                        *overrides, *extra])
-    trace_dir = (args.out / "trace") if args.out else None
-    profile = profile_train_step(config_dict, args.profile_steps, trace_dir)
-    report["profile"] = {"model": args.profile_model, **profile}
+    profile = profile_train_step(config_dict, args.profile_steps, root / "trace")
+    if args.out:  # the xplane files beside it are large; the perfetto file opens in ui.perfetto.dev
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(next((root / "trace").rglob("perfetto_trace.json.gz")),
+                    args.out / "step_trace.json.gz")
+    report["profile"] = {"model": args.profile_model,
+                         **{k: v for k, v in profile.items() if k != "trace_dir"}}
     table = profile_table(profile)
     top = "\n".join(f"| {c} | {k[:60]} | {op} | {ms:.3f} |" for c, k, op, ms in profile["top"])
     return (f"## Where one {args.profile_model} training step's device time goes "
@@ -209,7 +217,7 @@ def main() -> None:
         profiled = report["throughput"].get(args.profile_model, {})
         if args.profile_model and not over_budget(args, started, profiled.get("wall_s", 0.0),
                                                   "the profile", report):
-            profile = run_profile(args, extra, report, env)
+            profile = run_profile(args, extra, report, env, pathlib.Path(root))
             print(profile, flush=True)
             markdown += "\n\n" + profile
     if report["skipped"]:
