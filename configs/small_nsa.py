@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         corpora="shakespeare:1,python_stdlib:1", seq_len=8192, batch_size=4,
-        validation_fraction=0.05, passkey_prob=0.05, mqar_prob=0.05, mqar_num_pairs=16))
+        validation_fraction=0.05, passkey_prob=0.05, mqar_prob=0.05, mqar_num_pairs=16,
+        packed=True))  # packed=False: no segment ids (the unpacked baseline of bench_model.py)
 
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=VOCAB_SIZE, d_model=512, num_layers=12, num_heads=8, num_kv_heads=2,

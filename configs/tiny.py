@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         corpora="shakespeare", seq_len=256, batch_size=8, validation_fraction=0.1,
-        passkey_prob=0.0, mqar_prob=0.0, mqar_num_pairs=8))
+        passkey_prob=0.0, mqar_prob=0.0, mqar_num_pairs=8, packed=True))
 
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=VOCAB_SIZE, d_model=128, num_layers=2, num_heads=4, num_kv_heads=1,

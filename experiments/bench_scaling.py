@@ -14,39 +14,21 @@ also writes it there after every run. Extra arguments override the config of eve
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from experiments.trainer_throughput import trainer_throughput  # noqa: E402
 
 
 def run(mesh: tuple[int, int], args, extra: list[str], root: pathlib.Path) -> dict:
-    workdir = root / f"data{mesh[0]}_fsdp{mesh[1]}"
-    log_every = max(args.steps // 3, 1)
-    command = [sys.executable, "-m", "nsa_jax.train", "--config", args.config,
-               "--workdir", str(workdir), f"--config.steps={args.steps}",
-               f"--config.log_every={log_every}", f"--config.eval_every={args.steps}",
-               f"--config.checkpoint_every={args.steps}", "--config.eval_batches=1",
-               f"--config.optimizer.warmup_steps={max(args.steps // 6, 1)}",
-               f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}", *extra]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
-    print(done.stdout.splitlines()[0], flush=True)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
-    return {"devices": mesh[0] * mesh[1], "mesh": f"data={mesh[0]} x fsdp={mesh[1]}",
-            "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in train
-                                            if r["step"] > log_every),
-            "loss": train[-1]["loss"], "val_loss": evals[-1]["val_loss"],
-            "wall_s": time.perf_counter() - started}
+    result = trainer_throughput(args.config, root / f"data{mesh[0]}_fsdp{mesh[1]}", args.steps,
+                                [f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
+                                 *extra])
+    print(result["header"], flush=True)
+    return {"devices": mesh[0] * mesh[1], "mesh": f"data={mesh[0]} x fsdp={mesh[1]}", **result}
 
 
 def table(results: list[dict]) -> str:

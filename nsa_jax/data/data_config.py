@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Mapping
 
-from nsa_jax.config import require_int, require_number
+from nsa_jax.config import require_bool, require_int, require_number
 from nsa_jax.data.corpora import CORPORA
 from nsa_jax.data.tasks import PASSKEY_DIGITS, mqar_min_length, passkey_min_length
 
@@ -43,7 +43,10 @@ class DataConfig:
     """corpora: name -> sampling weight (see parse_corpora for the accepted forms); seq_len and
     batch_size: the [B, T] of every batch; validation_fraction: share of each corpus's documents
     held out; passkey_prob / mqar_prob: chance that a training row is a passkey / MQAR example
-    instead of corpus text; mqar_num_pairs: key-value pairs per MQAR example."""
+    instead of corpus text; mqar_num_pairs: key-value pairs per MQAR example; packed: False leaves
+    segment_ids out of every batch, so the model attends over each row as one sequence (plain
+    causal attention, the layout of one document per row) while the loss mask still skips targets
+    across a document boundary: the unpacked baseline of experiments/bench_model.py."""
 
     # Field declarations: alike in form to ModelConfig's (a `duplicates` pair), not shared logic.
     corpora: tuple[tuple[str, float], ...] | Mapping[str, float] | str = (("shakespeare", 1.0),)
@@ -53,6 +56,7 @@ class DataConfig:
     passkey_prob: float = 0.0
     mqar_prob: float = 0.0
     mqar_num_pairs: int = 8
+    packed: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "corpora", parse_corpora(self.corpora))
@@ -60,6 +64,7 @@ class DataConfig:
             require_int(f"DataConfig.{key}", getattr(self, key), 1)
         require_number("DataConfig.validation_fraction", self.validation_fraction, 0.0,
                        inclusive=False, maximum=1.0, maximum_inclusive=False)
+        require_bool("DataConfig.packed", self.packed)
         for key in ("passkey_prob", "mqar_prob"):
             require_number(f"DataConfig.{key}", getattr(self, key), 0.0, maximum=1.0)
         if self.passkey_prob + self.mqar_prob > 1:

@@ -43,15 +43,21 @@ def _train_row(cfg: DataConfig, rng: np.random.Generator, streams, corpus_p) -> 
 
 
 def make_train_batch(cfg: DataConfig, seed: int, step: int, rows: range | None = None) -> dict:
-    """{tokens, targets, segment_ids: int32 [B, T]; loss_mask: float32 [B, T]} for (seed, step).
-    With `rows`, only those rows of the batch (a process's share of a global batch)."""
+    """{tokens, targets, segment_ids: int32 [B, T]; loss_mask: float32 [B, T]} for (seed, step)
+    (no segment_ids when cfg.packed is False). With `rows`, only those rows of the batch (a
+    process's share of a global batch)."""
     require_int("seed", seed, 0)
     require_int("step", step, 0)
     streams = [split_stream(cfg, name, "train") for name, _ in cfg.corpora]
     weights = np.array([w for _, w in cfg.corpora])
     rows = [_train_row(cfg, np.random.default_rng([seed, step, r]), streams, weights / weights.sum())
             for r in (range(cfg.batch_size) if rows is None else rows)]
-    return rows_to_batch(rows)
+    return _layout(cfg, rows_to_batch(rows))
+
+
+def _layout(cfg: DataConfig, batch: dict) -> dict:
+    """The batch as cfg.packed asks: unpacked rows carry no segment ids (see DataConfig)."""
+    return batch if cfg.packed else {k: v for k, v in batch.items() if k != "segment_ids"}
 
 
 def validation_batches(cfg: DataConfig, corpus: str | None = None,
@@ -73,4 +79,5 @@ def validation_batches(cfg: DataConfig, corpus: str | None = None,
         for first in range(0, starts.size, cfg.batch_size):
             rows = [corpus_row(stream, int(o), cfg.seq_len)
                     for o in starts[first:first + cfg.batch_size]]
-            yield rows_to_batch(rows + [padding_row(cfg.seq_len)] * (cfg.batch_size - len(rows)))
+            yield _layout(cfg, rows_to_batch(
+                rows + [padding_row(cfg.seq_len)] * (cfg.batch_size - len(rows))))

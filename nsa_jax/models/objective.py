@@ -14,8 +14,8 @@ LOSS_NORMALIZATIONS = ("token", "row")
 
 def logits_and_gates(model, batch: dict):
     """-> (logits [B, T, V] float32, {"gate_<branch>": mean gate over layers} for NSA models,
-    else {})."""
-    logits, aux = model(batch["tokens"], segment_ids=batch["segment_ids"], return_aux=True)
+    else {}). A batch without segment_ids (DataConfig.packed=False) is one sequence per row."""
+    logits, aux = model(batch["tokens"], segment_ids=batch.get("segment_ids"), return_aux=True)
     if "gate_mean" not in aux:
         return logits, {}
     per_branch = jnp.mean(aux["gate_mean"], axis=0)

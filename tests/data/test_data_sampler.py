@@ -89,3 +89,19 @@ def test_too_long_seq_len_for_the_validation_split():
 def test_bad_seed_or_step(seed, step):
     with pytest.raises(ValueError, match="seed|step"):
         make_train_batch(MIXED, seed, step)
+
+
+def test_unpacked_rows_are_the_packed_rows_without_segment_ids():
+    step = int(np.random.default_rng().integers(1 << 20))
+    unpacked = dataclasses.replace(MIXED, packed=False)
+    packed_batch = make_train_batch(MIXED, 0, step)
+    assert _equal(make_train_batch(unpacked, 0, step),
+                  {k: v for k, v in packed_batch.items() if k != "segment_ids"})
+    for packed_val, unpacked_val in zip(validation_batches(MIXED, max_batches=1),
+                                        validation_batches(unpacked, max_batches=1)):
+        assert set(packed_val) - set(unpacked_val) == {"segment_ids"}
+
+
+def test_packed_must_be_a_bool():
+    with pytest.raises(ValueError, match="DataConfig.packed"):
+        dataclasses.replace(MIXED, packed="no")
