@@ -23,6 +23,21 @@ from jax import lax
 from nsa_jax.config import NSAConfig
 
 
+def check_token_kv(q, k, v) -> None:
+    """The token-level attention inputs' shapes: q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv]
+    with Hq a multiple of Hkv (GQA). Raises ValueError naming what differs."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    b, t, hq, dk = q.shape
+    hkv = k.shape[2]
+    if k.shape[:3] != (b, t, hkv) or v.shape[:3] != (b, t, hkv) or k.shape[3] != dk:
+        raise ValueError(f"k must be [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] matching q {q.shape}; "
+                         f"got k {k.shape}, v {v.shape}")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+
+
 def positions(batch: int, length: int):
     """[B, T] int32 absolute token index."""
     return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))

@@ -764,17 +764,11 @@ def _check_inputs(q, k, v, indices, cfg, doc_start, tiling):
         raise ValueError(f"cfg must be an NSAConfig, got {type(cfg).__name__}")
     if tiling is not None and not isinstance(tiling, Tiling):
         raise ValueError(f"tiling must be a selected_attention.Tiling or None, got {tiling!r}")
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, "
-                         f"{v.shape}")
+    layout.check_token_kv(q, k, v)
     b, t, hq, dk = q.shape
     hkv = k.shape[2]
-    if k.shape[:3] != (b, t, hkv) or v.shape[:3] != (b, t, hkv) or k.shape[3] != dk:
-        raise ValueError(f"k must be [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] matching q {q.shape};"
-                         f" got k {k.shape}, v {v.shape}")
-    if hq % hkv or hq // hkv > ROWS:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv}), with at "
-                         f"most {ROWS} query heads per KV head")
+    if hq // hkv > ROWS:
+        raise ValueError(f"at most {ROWS} query heads per KV head; got {hq} over {hkv}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"q, k, v must share one 16-bit dtype (bfloat16 or float16; float32 runs "
                          f"on the Triton or xla paths); got {q.dtype}, {k.dtype}, {v.dtype}")

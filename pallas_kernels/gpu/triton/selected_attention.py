@@ -352,16 +352,9 @@ _selected.defvjp(_selected_fwd, _selected_bwd)
 # --- Entry point ----------------------------------------------------------------------------------
 
 def _check_inputs(q, k, v, indices):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, "
-                         f"{v.shape}")
+    layout.check_token_kv(q, k, v)
     b, t, hq, dk = q.shape
     hkv = k.shape[2]
-    if k.shape[:3] != (b, t, hkv) or v.shape[:3] != (b, t, hkv) or k.shape[3] != dk:
-        raise ValueError(f"k must be [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] matching q {q.shape}; "
-                         f"got k {k.shape}, v {v.shape}")
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     common.check_dtypes("q, k, v", (q, k, v), SELECTED_DTYPES)
     if indices.ndim != 4 or indices.shape[:3] != (b, t, hkv) or indices.dtype != jnp.int32:
         raise ValueError(f"indices must be int32 [B, T, Hkv, n] = [{b}, {t}, {hkv}, n]; got "
