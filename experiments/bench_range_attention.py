@@ -15,7 +15,7 @@ dq, dk, dv for random cotangents against nsa_jax.ops' xla implementation at T <=
 longer T on the rows of the last 256 positions against a float32 dense reference (the same
 jitted function, cotangents only on those rows); exits 1 on any mismatch. Then forward and
 forward+backward are timed with experiments.timing.device_ms (back-to-back calls, median per
-call). Every --variant (RangeTiling fields over --tiling, comma-separated; "none" for None) is
+call). Every --variant (Tiling fields over --tiling, comma-separated; "none" for None) is
 checked and timed too; by default VARIANTS, backward tiles (the backward is the target
 miss) next to the measured default tiling. cuDNN causal and sliding-window attention (no documents)
 are timed in the same run. Cases holding an issue-15 target run first; with --budget-s, cases
@@ -243,8 +243,8 @@ def cudnn(t, hq, hkv, d, window, interpret):
 
 
 def parse_tiling(spec, base=None):
-    """'name=int,name=none,...' -> RangeTiling (fields over `base`, or the defaults)."""
-    fields = {f.name for f in dataclasses.fields(ra.RangeTiling)}
+    """'name=int,name=none,...' -> Tiling (fields over `base`, or the defaults)."""
+    fields = {f.name for f in dataclasses.fields(ra.Tiling)}
     kwargs = {}
     for item in filter(None, spec.replace(" ", ",").split(",")):
         name, _, value = item.partition("=")
@@ -253,7 +253,7 @@ def parse_tiling(spec, base=None):
                      f"got {item!r}")
         kwargs[name] = None if value == "none" else int(value)
     if base is None:
-        return ra.RangeTiling(**kwargs) if kwargs else None
+        return ra.Tiling(**kwargs) if kwargs else None
     return dataclasses.replace(base, **kwargs)
 
 
@@ -302,7 +302,7 @@ class Report:
         pairs = p.visible_pairs()
         goals = [target(case.shape, case.t, case.branch, case.docs, w) for w in ("fwd",
                                                                                    "fwd+bwd")]
-        tiling = tiling or ra.RangeTiling.for_head_dims(d, d)
+        tiling = tiling or ra.Tiling.for_head_dims(d, d)
         rows = -(-p.q.shape[1] * p.group // ra.ROW_ALIGN) * ra.ROW_ALIGN
         splits = tiling.auto_dkv_splits(p.k.shape[1], rows, p.k.shape[2], 1)
         record = dict(**dataclasses.asdict(case), tiling=name, pairs=pairs,
@@ -365,7 +365,7 @@ def main():
                         choices=["compressed", "window"])
     parser.add_argument("--docs", type=int, nargs="+", default=[1, 4],
                         help="documents per row (1: unpacked)")
-    parser.add_argument("--tiling", default="", help="RangeTiling fields, name=int,...")
+    parser.add_argument("--tiling", default="", help="Tiling fields, name=int,...")
     parser.add_argument("--variant", nargs="*", default=VARIANTS,
                         help="more tilings to time, each name=int|none,... over --tiling")
     parser.add_argument("--no-baselines", action="store_true", help="skip cuDNN")
@@ -389,7 +389,7 @@ def main():
         sys.exit("bench_range_attention.py needs a Hopper GPU (or --interpret on CPU)")
     tiling = parse_tiling(args.tiling)
     tilings = {args.tiling or "default": tiling}
-    base = tiling or ra.RangeTiling.for_head_dims(d, d)
+    base = tiling or ra.Tiling.for_head_dims(d, d)
     tilings.update({v: parse_tiling(v, base) for v in args.variant})
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, tilings "
           f"{ {k: str(v or 'default') for k, v in tilings.items()} }", flush=True)

@@ -20,7 +20,7 @@ T=8192 only, 30 s of budget (under 45 s in all).
    once `--budget-s` seconds have passed, the remaining items are skipped and listed:
    a. per shape, the production path: the scores (default tiling), the top-n (default scheme,
       causal widths) and `select`, the two together, with the issue-16 targets;
-   b. at T=65536, then 8192: the score kernel's schedules (ScoreTiling.schedule; each checked
+   b. at T=65536, then 8192: the score kernel's schedules (Tiling.schedule; each checked
       against the default's scores) and the top-n variants (each checked against lax.top_k);
    c. the old fused Triton kernel (pallas_kernels.gpu.triton.select_blocks) and the top-n by
       lax.top_k;
@@ -57,7 +57,7 @@ LENGTHS = (8192, 65536)
 TARGET_MS = {8192: 0.5, 65536: 6.0}
 SMALL_GROUP_FACTOR = 1.5
 TIE_TOLERANCE = 1e-5  # two float32 computations of one score differ by ~1e-6 relative
-SCORE_VARIANTS = {  # label -> ScoreTiling.for_shape keywords; the first is the default
+SCORE_VARIANTS = {  # label -> Tiling.for_shape keywords; the first is the default
     "free (default)": {},
     "alternate": dict(schedule="alternate"),
     "pipeline": dict(schedule="pipeline"),
@@ -97,7 +97,7 @@ def problem(t, hq, hkv, d=128, seed=0):
 
 
 def tiling_of(q, hkv, **kwargs):
-    return mosaic.ScoreTiling.for_shape(CFG, q.shape[-1], q.shape[2] // hkv, q.dtype, **kwargs)
+    return mosaic.Tiling.for_shape(CFG, q.shape[-1], q.shape[2] // hkv, q.dtype, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling",))

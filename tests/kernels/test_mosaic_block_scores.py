@@ -158,7 +158,7 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
         b, t, hq, hkv, dk, hyper, slots, docs, dtype = CASES[name]
         cfg = config(*hyper)
         args, seg = random_problem(key, b, t, hq, hkv, dk, cfg, docs, dtype)
-        ours = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(slots, 2, 1))
+        ours = self.scores(*args, cfg, tiling=mosaic.Tiling(slots, 2, 1))
         want = np.asarray(ops.block_scores(*args[:3], cfg, segment_ids=seg,
                                            implementation="reference"))
         assert ours.shape == want.shape and np.isfinite(ours).all()
@@ -172,8 +172,8 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
         with free-running or ping-ponging warpgroups."""
         cfg = config(8, 4, 8, 4)
         args, _ = random_problem(key, 1, 200, 2, 1, 64, cfg, (50, 150), jnp.bfloat16)
-        whole = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(32, 2, 1))
-        tiling = mosaic.ScoreTiling(32, 2, 2, schedule="ping_pong")
+        whole = self.scores(*args, cfg, tiling=mosaic.Tiling(32, 2, 1))
+        tiling = mosaic.Tiling(32, 2, 2, schedule="ping_pong")
         fn = jax.jit(lambda first, *a: mosaic.block_scores(
             *a, cfg, query_start=first, num_queries=64, tiling=tiling, interpret=self.INTERPRET))
         with common.abstract_hopper() if self.INTERPRET else contextlib.nullcontext():
@@ -187,7 +187,7 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
         grid is rejected."""
         cfg = config(8, 4, 8, 4)
         args, seg = random_problem(key, 1, 160, 2, 1, 64, cfg, (60, 100), jnp.bfloat16)
-        tiling = mosaic.ScoreTiling(32, 2, 1)
+        tiling = mosaic.Tiling(32, 2, 1)
         run = lambda chunk: np.asarray(mosaic.select(
             *args[:3], cfg, segment_ids=seg, tiling=tiling, chunk=chunk,
             interpret=self.INTERPRET))
@@ -206,8 +206,8 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
         b, t, hq, hkv, dk, hyper, slots, docs, dtype = CASES["g3_docs"]
         cfg = config(*hyper)
         args, _ = random_problem(key, b, t, hq, hkv, dk, cfg, docs, dtype)
-        free = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(slots, 2, 1))
-        ours = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(slots, 2, 1, schedule=schedule))
+        free = self.scores(*args, cfg, tiling=mosaic.Tiling(slots, 2, 1))
+        ours = self.scores(*args, cfg, tiling=mosaic.Tiling(slots, 2, 1, schedule=schedule))
         np.testing.assert_array_equal(ours, free)
 
     def test_near_ties_are_exact(self):
@@ -228,7 +228,7 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
         k_cmp[0, 12, 0, nudge_dim] = 2.0 ** -16  # B's weight-2 slot, head 0 only
         q, k_cmp = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k_cmp, jnp.bfloat16)
         args = (q, k_cmp, *problem(q, k_cmp, cfg, None))
-        ours = self.scores(*args, cfg, tiling=mosaic.ScoreTiling(32, 2, 1))
+        ours = self.scores(*args, cfg, tiling=mosaic.Tiling(32, 2, 1))
         exact = oracle_scores(*args[:3], cfg, None)
         late = slice(64, t)
         gap = (exact[0, late, 0, 6] - exact[0, late, 0, 3]) / exact[0, late, 0, 6]
@@ -251,7 +251,7 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
         np.testing.assert_array_equal(self.select(exact, local, cfg), want)
         pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 48)))
         ours = self.scores(pad(args[0]), pad(args[1]), *args[2:], cfg, scale=0.25,
-                           tiling=mosaic.ScoreTiling(32, 2, 1))
+                           tiling=mosaic.Tiling(32, 2, 1))
         np.testing.assert_array_equal(self.select(ours, local, cfg), want)
 
     def test_rejects_unsupported(self):
@@ -268,9 +268,9 @@ class TestMosaicBlockScores(CompiledOrInterpreted):
         with pytest.raises(ValueError, match="lse must be"):
             mosaic.block_scores(q64.astype(jnp.bfloat16), k64.astype(jnp.bfloat16), lse[:, 1:],
                                 start, doc, cfg)
-        with pytest.raises(ValueError, match="ScoreTiling.slots"):
+        with pytest.raises(ValueError, match="Tiling.slots"):
             mosaic.block_scores(q64.astype(jnp.bfloat16), k64.astype(jnp.bfloat16), lse, start,
-                                doc, cfg, tiling=mosaic.ScoreTiling(16, 2, 1))
+                                doc, cfg, tiling=mosaic.Tiling(16, 2, 1))
         with pytest.raises(ValueError, match="query_start"):
             mosaic.block_scores(q64.astype(jnp.bfloat16), k64.astype(jnp.bfloat16), lse, start,
                                 doc, cfg, query_start=32)
@@ -375,7 +375,7 @@ class TestLowering:
         spec = jax.ShapeDtypeStruct
         args = (spec((1, t, hq, d), jnp.bfloat16), spec((1, tc, hkv, d), jnp.bfloat16),
                 spec((1, t, hq), jnp.float32), spec((1, tc), jnp.int32), spec((1, t), jnp.int32))
-        tiling = mosaic.ScoreTiling.for_shape(cfg, d, hq // hkv, jnp.bfloat16, slots, schedule)
+        tiling = mosaic.Tiling.for_shape(cfg, d, hq // hkv, jnp.bfloat16, slots, schedule)
         fn = jax.jit(lambda *a: mosaic.block_scores(*a, cfg, query_start=0, num_queries=8192,
                                                     tiling=tiling))
         with common.abstract_hopper():
@@ -401,7 +401,7 @@ class TestLowering:
     def test_default_tiling_fits_smem(self):
         cfg = NSAConfig()
         for dk, g in ((128, 16), (128, 4), (64, 64), (256, 16)):
-            tiling = mosaic.ScoreTiling.for_shape(cfg, dk, g, jnp.bfloat16)
+            tiling = mosaic.Tiling.for_shape(cfg, dk, g, jnp.bfloat16)
             mosaic.check(cfg, tiling, dk, g, jnp.bfloat16)
 
 

@@ -25,7 +25,7 @@ from tests.helpers.kernels import CompiledOrInterpreted
 
 # Small key tiles, so that tiny shapes still take several steps, refill the rings and run the
 # unmasked middle loops.
-TILES = ra.RangeTiling(block_kv=64, stages=2, block_kv_dq=64, block_kv_dkv=64, dkv_splits=1)
+TILES = ra.Tiling(block_kv=64, stages=2, block_kv_dq=64, block_kv_dkv=64, dkv_splits=1)
 # max |error| / max |expected|: 16-bit output rounding and 16-bit P, dS in the matmuls.
 TOLERANCE = {jnp.dtype(jnp.bfloat16): 3e-2, jnp.dtype(jnp.float16): 5e-3}
 
@@ -41,7 +41,7 @@ class Case:
     dtype: object = jnp.bfloat16
     docs: int = 1  # documents per row, random boundaries when > 1
     window: int = 24
-    tiling: ra.RangeTiling = TILES
+    tiling: ra.Tiling = TILES
 
 
 WINDOW_CASES = {
@@ -252,7 +252,7 @@ class TestRangeErrors:
         (dict(ranges_shape=(2, 64)), "kstart and kend"),
         (dict(group=0), "group"),
         (dict(scale=0.0), "scale"),
-        (dict(tiling=ra.RangeTiling(block_kv=256, stages=4, block_kv_dq=256)), "shared memory"),
+        (dict(tiling=ra.Tiling(block_kv=256, stages=4, block_kv_dq=256)), "shared memory"),
     ])
     def test_bad_input(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
@@ -262,8 +262,8 @@ class TestRangeErrors:
                                              ("block_rows_dkv", 192), ("dkv_splits", 0),
                                              ("dkv_splits", 17)])
     def test_bad_tiling(self, field, value):
-        with pytest.raises(ValueError, match=f"RangeTiling.{field}"):
-            ra.RangeTiling(**{field: value})
+        with pytest.raises(ValueError, match=f"Tiling.{field}"):
+            ra.Tiling(**{field: value})
 
     @pytest.mark.parametrize("keys,rows,splits", [
         (511, 8192 * 16, 16),  # compressed branch at 8k, paper shape: 16 programs, capped
@@ -272,8 +272,8 @@ class TestRangeErrors:
         (200, 128, 2),  # no more splits than row tiles
     ])
     def test_auto_dkv_splits(self, keys, rows, splits):
-        assert ra.RangeTiling().auto_dkv_splits(keys, rows, num_kv_heads=4, batch=1) == splits
-        assert ra.RangeTiling(dkv_splits=5).auto_dkv_splits(keys, rows, 4, 1) == 5
+        assert ra.Tiling().auto_dkv_splits(keys, rows, num_kv_heads=4, batch=1) == splits
+        assert ra.Tiling(dkv_splits=5).auto_dkv_splits(keys, rows, 4, 1) == 5
 
 
 # Benchmark shapes (issue 15): (Hq, Hkv) paper and small-group, T, keys of the compressed branch
@@ -288,7 +288,7 @@ class TestRangeLowering:
     """jax.export to CUDA on CPU (abstract Hopper): the real Pallas -> Mosaic GPU lowering of all
     three kernels, so layout, tile-shape and TMA-box errors surface here. ptxas, register and
     SMEM-capacity errors only show on a GPU (SMEM use is checked in Python by
-    RangeTiling.check_smem). About a minute in all."""
+    Tiling.check_smem). About a minute in all."""
 
     @pytest.mark.parametrize("hq,hkv,t,keys,dk,dv", LOWERING_CASES)
     def test_forward_and_backward_lower(self, hq, hkv, t, keys, dk, dv):

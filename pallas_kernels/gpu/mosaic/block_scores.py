@@ -14,7 +14,7 @@ Kernel (FA3's structure, as JAX's pallas/ops/gpu/attention_mgpu.py): one program
   producer streams the [64, Dk] tile q[b, t0:t0+64, h*G + g] into a ring both compute warpgroups
   read; each computes S = Q_g K_tileᵀ on wgmma and adds p = exp2(S*scale*log2e - lse*log2e) into
   its running sum `psum` [64, kb + X].
-- The compressed slots are walked in sub-tiles of kb = `ScoreTiling.slots` slots (nb = kb*d/l'
+- The compressed slots are walked in sub-tiles of kb = `Tiling.slots` slots (nb = kb*d/l'
   selection blocks); warpgroup w takes sub-tiles w, w+2, w+4, ... (one K ring per warpgroup).
   A sub-tile loads the kb slots whose first chunk lies in its blocks plus the X slots before
   them (X = l/d - 1 rounded up to 16, pad slots in front of k_cmp keep the first load in bounds):
@@ -53,7 +53,7 @@ Measured on the H200 (2026-11-30, 64k, paper): 6.19 ms with free-running warpgro
 matmul and exp2 ran one after the other (2.7 + 2.7 + 0.7): each warpgroup waits for its
 matmul before its exp2, and two free-running warpgroups fall into step. The first ping-pong
 (one rendezvous per head step, after issuing the matmul) keeps them in step on purpose:
-6.85 ms. Overlap needs `ScoreTiling.schedule` "alternate" (FA3's two-phase ping-pong: one
+6.85 ms. Overlap needs `Tiling.schedule` "alternate" (FA3's two-phase ping-pong: one
 warpgroup's matmul while the other's exp2; per head step max(MMA, SFU) instead of their sum)
 or "pipeline" (each warpgroup issues head h+1's matmul before head h's exp2; 1 in G exp2s not
 overlapped, 216 registers per thread at kb=128, or kb=64 with 25% spill work and 120
@@ -77,7 +77,7 @@ Alternatives, per the same count:
 Registers per compute thread: psum (kb+X)/2 = 72 and S 72 float32 at kb=128, within FA3's 232
 (schedule "pipeline": a second S, 216).
 SMEM (Dk=128, G=16): Q ring 3 x 16 KiB, K rings 2 x 2 x 36 KiB, W 9 KiB, lse 4 KiB, output
-staging 16 KiB = 221 KiB of 227 (`ScoreTiling.smem_bytes`, `ScoreTiling.for_shape`).
+staging 16 KiB = 221 KiB of 227 (`Tiling.smem_bytes`, `Tiling.for_shape`).
 """
 from __future__ import annotations
 
@@ -105,14 +105,14 @@ WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HIGH_HALF = np.int32(-65536)  # 0xFFFF0000: sign, exponent and the 7 mantissa bits bf16 keeps
-SCHEDULES = ("free", "ping_pong", "alternate", "pipeline")  # ScoreTiling.schedule
+SCHEDULES = ("free", "ping_pong", "alternate", "pipeline")  # Tiling.schedule
 
 
 # ----------------------------------------------------------------------------- tile options
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreTiling:
+class Tiling:
     """slots: compressed slots per warpgroup sub-tile (kb, a multiple of 16 and of l'/d);
     q_stages: depth of the shared Q ring; k_stages: depth of each warpgroup's K ring;
     schedule: how the two compute warpgroups' matmuls and exp2s interleave (SCHEDULES):
@@ -134,13 +134,13 @@ class ScoreTiling:
 
     def __post_init__(self):
         if self.slots < 16 or self.slots % 16:
-            raise ValueError(f"ScoreTiling.slots must be a positive multiple of 16, got "
+            raise ValueError(f"Tiling.slots must be a positive multiple of 16, got "
                              f"{self.slots}")
         if self.q_stages < 2 or self.k_stages < 1:
-            raise ValueError(f"ScoreTiling needs q_stages >= 2 and k_stages >= 1, got "
+            raise ValueError(f"Tiling needs q_stages >= 2 and k_stages >= 1, got "
                              f"{self.q_stages}, {self.k_stages}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"ScoreTiling.schedule must be one of {SCHEDULES}, got "
+            raise ValueError(f"Tiling.schedule must be one of {SCHEDULES}, got "
                              f"{self.schedule!r}")
 
     def smem_bytes(self, cfg: NSAConfig, dk: int, group: int, dtype) -> int:
@@ -197,7 +197,7 @@ class Geometry:
         return jnp.asarray(np.maximum(shared, 0), jnp.bfloat16)
 
 
-def check(cfg: NSAConfig, tiling: ScoreTiling, dk: int, group: int, dtype) -> Geometry:
+def check(cfg: NSAConfig, tiling: Tiling, dk: int, group: int, dtype) -> Geometry:
     """The sub-tile geometry, or ValueError if this kernel cannot run the shape (the dispatcher
     then falls back to the Triton or xla path)."""
     if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
@@ -209,11 +209,11 @@ def check(cfg: NSAConfig, tiling: ScoreTiling, dk: int, group: int, dtype) -> Ge
     geo = Geometry.of(cfg, tiling.slots)
     if tiling.slots % geo.ratio or geo.blocks % 16:
         raise ValueError(
-            f"ScoreTiling.slots ({tiling.slots}) must be a multiple of 16 * l'/d = "
+            f"Tiling.slots ({tiling.slots}) must be a multiple of 16 * l'/d = "
             f"{16 * geo.ratio} (whole selection blocks; W's rows of nb bf16 must be a 32-byte "
             f"swizzle at least)")
     if geo.width > 256:
-        raise ValueError(f"ScoreTiling.slots + spill slots = {geo.width} exceeds wgmma's N of 256; "
+        raise ValueError(f"Tiling.slots + spill slots = {geo.width} exceeds wgmma's N of 256; "
                          f"use fewer slots (l/d = {geo.spill + 1})")
     if group > 256:
         raise ValueError(f"group size Hq/Hkv must be <= 256 (one TMA box of lse), got {group}")
@@ -342,7 +342,7 @@ class _Static:
     """Everything the kernel body needs at trace time."""
 
     geo: Geometry
-    tiling: ScoreTiling
+    tiling: Tiling
     group: int
     num_kv_heads: int
     num_tiles: int
@@ -656,7 +656,7 @@ def _check_inputs(q, k_cmp, lse, slot_start, doc_start):
 
 
 def block_scores(q, k_cmp, lse, slot_start, doc_start, cfg: NSAConfig, *, scale=None,
-                 query_start=0, num_queries=None, tiling: ScoreTiling | None = None,
+                 query_start=0, num_queries=None, tiling: Tiling | None = None,
                  interpret: bool = False):
     """Block scores of queries [query_start, query_start + num_queries): [B, Hkv, Tq, NB] float32,
     NB = ceil(T / l'), equal to nsa_jax.ops.block_scores (transposed) up to float32 rounding.
@@ -674,7 +674,7 @@ def block_scores(q, k_cmp, lse, slot_start, doc_start, cfg: NSAConfig, *, scale=
     b, t, hq, dk = q.shape
     hkv = k_cmp.shape[2]
     group = hq // hkv
-    tiling = tiling or ScoreTiling.for_shape(cfg, dk, group, q.dtype)
+    tiling = tiling or Tiling.for_shape(cfg, dk, group, q.dtype)
     geo = check(cfg, tiling, dk, group, q.dtype)
     if isinstance(query_start, int) and (query_start % BLOCK_ROWS or not 0 <= query_start < t):
         raise ValueError(f"query_start must be a multiple of {BLOCK_ROWS} in [0, T={t}), got "
@@ -716,7 +716,7 @@ def supports(q, k_cmp, lse, cfg: NSAConfig, **kwargs) -> bool:
     if q.dtype != k_cmp.dtype:
         return False
     try:
-        check(cfg, ScoreTiling.for_shape(cfg, q.shape[-1], q.shape[2] // k_cmp.shape[2], q.dtype),
+        check(cfg, Tiling.for_shape(cfg, q.shape[-1], q.shape[2] // k_cmp.shape[2], q.dtype),
               q.shape[-1], q.shape[2] // k_cmp.shape[2], q.dtype)
     except ValueError:
         return False
@@ -732,7 +732,7 @@ def query_chunk(batch: int, length: int, num_kv_heads: int, cfg: NSAConfig) -> i
 
 
 def select(q, k_cmp, lse, cfg: NSAConfig, *, segment_ids=None, scale=None, interpret=False,
-           tiling: ScoreTiling | None = None, top_n_scheme: str = "groups",
+           tiling: Tiling | None = None, top_n_scheme: str = "groups",
            chunk: int | None = None):
     """nsa_jax.ops.select_blocks(ops.block_scores(...)) on Hopper: [B, T, Hkv, n] int32 block ids
     (ascending, -1 slots last), chosen by nsa_jax.selection_rule from this kernel's scores with the

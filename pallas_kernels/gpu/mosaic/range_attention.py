@@ -55,7 +55,7 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
-class RangeTiling:
+class Tiling:
     """Tile sizes of the range-attention kernels (keys and rows, multiples of 64).
 
     block_kv, stages: keys per forward step and depth of the forward K/V rings.
@@ -80,19 +80,19 @@ class RangeTiling:
         for name in ("block_kv", "block_kv_dq", "block_kv_dkv"):
             value = getattr(self, name)
             if value < 64 or value % 64 or value > 256:
-                raise ValueError(f"RangeTiling.{name} must be 64, 128, 192 or 256, got {value}")
+                raise ValueError(f"Tiling.{name} must be 64, 128, 192 or 256, got {value}")
         if self.block_rows_dkv not in (64, 128):
-            raise ValueError(f"RangeTiling.block_rows_dkv must be 64 or 128, got "
+            raise ValueError(f"Tiling.block_rows_dkv must be 64 or 128, got "
                              f"{self.block_rows_dkv}")
         for name in ("stages", "stages_dq", "stages_dkv"):
             if getattr(self, name) < 2:
-                raise ValueError(f"RangeTiling.{name} must be >= 2, got {getattr(self, name)}")
+                raise ValueError(f"Tiling.{name} must be >= 2, got {getattr(self, name)}")
         if self.dkv_splits is not None and not 1 <= self.dkv_splits <= MAX_DKV_SPLITS:
-            raise ValueError(f"RangeTiling.dkv_splits must be None or in [1, {MAX_DKV_SPLITS}], "
+            raise ValueError(f"Tiling.dkv_splits must be None or in [1, {MAX_DKV_SPLITS}], "
                              f"got {self.dkv_splits}")
 
     @classmethod
-    def for_head_dims(cls, dk: int, dv: int) -> RangeTiling:
+    def for_head_dims(cls, dk: int, dv: int) -> Tiling:
         """Defaults. D = 128: attention_mgpu's fastest forward tile (128 keys, 2 stages) and
         64-key backward tiles (registers: two [64, 128] float32 accumulators per warpgroup in
         dK/dV). D = 64: the accumulators halve, so the backward takes 128-wide tiles."""
@@ -135,7 +135,7 @@ class RangeTiling:
         for kernel, used in self.smem_bytes(dk, dv, dtype).items():
             if used + SMEM_RESERVE > SMEM_BYTES:
                 raise ValueError(
-                    f"RangeTiling {self} needs {used} bytes of shared memory in the {kernel} "
+                    f"Tiling {self} needs {used} bytes of shared memory in the {kernel} "
                     f"kernel for head dims ({dk}, {dv}); H100/H200 have {SMEM_BYTES}. Use "
                     f"smaller blocks or fewer stages.")
 
@@ -801,7 +801,7 @@ def _check_args(q_rows, k, v, kstart, kend, group, scale):
 
 
 def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
-                    tiling: RangeTiling | None = None, interpret: bool = False):
+                    tiling: Tiling | None = None, interpret: bool = False):
     """Attention of every query row over its own key range [kstart, kend) on Hopper.
 
     Args:
@@ -813,7 +813,7 @@ def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
         past position P - 1 see nothing.
       group: G, query heads per KV head (row r is position r // G).
       scale: logit scale (usually 1 / sqrt(Dk)).
-      tiling: tile sizes (default `RangeTiling.for_head_dims(Dk, Dv)`).
+      tiling: tile sizes (default `Tiling.for_head_dims(Dk, Dv)`).
       interpret: run in Mosaic GPU interpret mode (CPU, race detection) instead of compiling.
 
     Returns:
@@ -825,7 +825,7 @@ def range_attention(q_rows, k, v, kstart, kend, *, group: int, scale: float,
     """
     _check_args(q_rows, k, v, kstart, kend, group, scale)
     dk, dv = q_rows.shape[3], v.shape[3]
-    tiling = tiling or RangeTiling.for_head_dims(dk, dv)
+    tiling = tiling or Tiling.for_head_dims(dk, dv)
     tiling.check_smem(dk, dv, q_rows.dtype)
     ranges = row_ranges(kstart, kend, group, q_rows.shape[2], k.shape[1])
     pad = ((0, 0), (0, tiling.padded_keys(k.shape[1]) - k.shape[1]), (0, 0), (0, 0))
@@ -843,7 +843,7 @@ def supports(q, k, v, *args, **kwargs) -> bool:
 
 
 def range_attention_bthd(q, k, v, kstart, kend, *, scale=None,
-                         tiling: RangeTiling | None = None, interpret: bool = False):
+                         tiling: Tiling | None = None, interpret: bool = False):
     """`range_attention` in the ops layout: q [B, T, Hq, Dk] -> (o [B, T, Hq, Dv] in q's dtype,
     lse [B, T, Hq] float32), position t seeing keys [kstart[:, t], kend[:, t]) ([B, T] int);
     scale None means 1 / sqrt(Dk). Grouped rows around the kernels (`to_rows`, `from_rows`).
@@ -857,7 +857,7 @@ def range_attention_bthd(q, k, v, kstart, kend, *, scale=None,
 
 
 def compressed_attention(q, k_cmp, v_cmp, cfg: NSAConfig, *, segment_ids=None, scale=None,
-                         interpret=False, tiling: RangeTiling | None = None):
+                         interpret=False, tiling: Tiling | None = None):
     """nsa_jax.ops.compressed_attention on Hopper (paper eq. 7; nsa_spec.md, compressed branch):
     q [B, T, Hq, Dk], k_cmp/v_cmp [B, Tc, Hkv, D] laid out as nsa_jax.layout says, segment_ids
     [B, T] or None -> (o [B, T, Hq, Dv] in q's dtype, lse [B, T, Hq] float32, -inf where t sees no
@@ -871,7 +871,7 @@ def compressed_attention(q, k_cmp, v_cmp, cfg: NSAConfig, *, segment_ids=None, s
 
 
 def window_attention(q, k, v, cfg: NSAConfig, *, segment_ids=None, scale=None, interpret=False,
-                     tiling: RangeTiling | None = None):
+                     tiling: Tiling | None = None):
     """nsa_jax.ops.window_attention on Hopper (the sliding window of w = cfg.window keys
     [t - w + 1, t] of t's document; nsa_spec.md, window branch): q [B, T, Hq, Dk], k/v
     [B, T, Hkv, D], segment_ids [B, T] or None -> o [B, T, Hq, Dv] in q's dtype. Raises ValueError
