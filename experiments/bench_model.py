@@ -204,6 +204,10 @@ def run_arms(names: list[str], args, extra: list[str], report: dict, env: dict,
             report["skipped"].append(f"cut {name} at the end of --budget-s: {cut}")
             write(args.out, report, markdown)
             break
+        except SystemExit as failed:  # the report keeps the runs before it, and why it stopped
+            report["failed"] = f"{name}: {str(failed)[-2000:]}"
+            write(args.out, report, markdown)
+            raise
         del result["header"]  # already printed with the trainer's lines
         report["throughput"][name] = {"config": config, "overrides": overrides, **result}
         report["ratios"] = ratios(report["throughput"])
