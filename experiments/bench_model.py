@@ -254,8 +254,9 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=None,
                         help="overall seconds, the first run included: start no run or "
-                        "profile expected to end past it, stop a run still going at its end (default 540; "
-                        "none with --smoke, whose runs are judged by their measured times only)")
+                        "profile expected to end past it, stop a run still going at its end "
+                        "(default 540; none with --smoke, whose runs are judged by their "
+                        "measured times only)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, toy sizes, 6 steps")
     parser.add_argument("--out", type=pathlib.Path,
