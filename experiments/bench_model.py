@@ -20,14 +20,29 @@ a profile of one NSA training step.
    trainer's own train step for --profile-model, compiled, then --profile-steps steps under
    jax.profiler; kernel time by category (experiments/step_profile.py), ms per step and share.
 
-Prints the tables; with --out (default $OUT when set) also writes bench_model.json and
-bench_model.md there, the throughput ones after every run. Extra arguments (--config.key=value)
-override every model's config. Runs and the profile share a persistent compilation cache (the
-profile's step is the nsa_8k trainer's program). Time: the trainer's steps are cheap (0.1-0.55 s
-each on an H200 at these shapes, docs/benchmarks.md) but each run pays start-up, compilation and
-two evaluations, about 1-2 minutes for NSA by bench_scaling's runs; --budget-s (540) starts no
-run or profile that the longest run so far says would end past it, and the report names what it
-skipped, to run with --models in a second call.
+Progress: the plan (every run with its estimated seconds) first, then a start and an end line
+per run and for the profile, stamped with seconds since the start, and every trainer line as the
+trainer prints it (prefixed with the model's name; experiments/streaming.py). With --out (default
+$OUT when set) it writes bench_model.json and bench_model.md there at the start (the plan) and
+after every run, and each trainer's log as bench_model_<model>.log line by line, so a run killed
+from outside still leaves what it had. Extra arguments (--config.key=value) override every
+model's config. Runs and the profile share a persistent compilation cache (the profile's step is
+the nsa_8k trainer's program). Off --smoke the trainers get JAX_PLATFORMS=cuda (unless set), so
+a trainer that cannot see the GPU fails at once instead of training on the CPU for hours.
+
+Time: the trainer's steps are cheap (0.1-0.55 s each on an H200 at these shapes,
+docs/benchmarks.md), but each run pays start-up: CUDA and imports, the model built in jit, the
+evaluation and train steps compiled (12 unrolled layers, each with the NSA kernels forward and
+backward, and XLA's autotuning on a cold cache), two evaluations and a checkpoint. bench_scaling's
+1-GPU run spent ~100 s of its 120 s on that (docs/benchmarks.md, 2026-11-23), the estimate used
+here (experiments/budget.py: STARTUP_S + FLOPs at the measured rate); a run of the current
+kernels was not yet timed (on 2026-11-30 nsa_8k did not finish within a 300 s call, reason
+unknown: its output was held back until its end), so the estimates are lower bounds. --budget-s
+(default 540, for a 600 s call: run it under `timeout` of at least --budget-s + 60) covers
+everything, the first run included: no run or profile starts that its estimate or the longest
+run so far says would end past it, a run still going at the budget's end is stopped (SIGTERM,
+the trainer checkpoints and exits), and the report names what was skipped or cut, to run with
+--models in a second call.
 """
 from __future__ import annotations
 
@@ -39,12 +54,15 @@ import pathlib
 import shutil
 import sys
 import tempfile
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from experiments.trainer_throughput import shrunk_overrides, trainer_throughput  # noqa: E402
+from experiments.budget import STARTUP_S, training_seconds  # noqa: E402
+from experiments.streaming import Stages  # noqa: E402
+from experiments.trainer_throughput import (TrainerCutOff, shrunk_overrides,  # noqa: E402
+                                            trainer_throughput)
+from nsa_jax.train import parse_train_args, resolve  # noqa: E402
 
 FULL = "--config.model.attention=full"
 UNPACKED = "--config.data.packed=false"
@@ -75,6 +93,28 @@ def arm_command(name: str, smoke: bool) -> tuple[str, list[str]]:
         return SMOKE_CONFIG, [*SMOKE_SHRINK, *SMOKE_OVERRIDES[context], *swap,
                               *(o for o in overrides if o != FULL)]
     return config, list(overrides)
+
+
+def run_estimate_s(name: str, args, extra: list[str]) -> float:
+    """Estimated seconds of arm `name`'s run on one H200: start-up plus its training FLOPs at
+    the measured rate (experiments/budget.py; a lower bound, see the module docstring)."""
+    config, overrides = arm_command(name, args.smoke)
+    config_dict, _ = parse_train_args(["--config", config, *shrunk_overrides(args.steps),
+                                       *overrides, *extra])
+    return STARTUP_S + training_seconds(resolve(config_dict))
+
+
+def plan(names: list[str], estimates: dict, args) -> str:
+    """What this call will do, in order, with the estimates, before anything starts."""
+    lines = [f"plan: {len(names)} trainer run(s) of {args.steps} steps, then the profile of "
+             f"{args.profile_model or '(none)'}; --budget-s {args.budget_s:.0f}; estimated "
+             f"seconds on one H200 (lower bounds; --smoke runs on the CPU):"]
+    lines += [f"  {name}: ~{estimates[name]:.0f} s" for name in names]
+    if args.profile_model:
+        lines.append(f"  profile of {args.profile_model}: about one run's start-up "
+                     f"(~{STARTUP_S:.0f} s; the compilation cache shortens it)")
+    lines.append(f"  total ~{sum(estimates.values()) + STARTUP_S * bool(args.profile_model):.0f} s")
+    return "\n".join(lines)
 
 
 def throughput_table(results: dict) -> str:
@@ -127,31 +167,48 @@ def compilation_cache(root: pathlib.Path) -> dict:
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def over_budget(args, started: float, longest_s: float, what: str, report: dict) -> bool:
-    """True (and noted in the report) if `what`, estimated at `longest_s`, would end past
+def over_budget(args, stages: Stages, expected_s: float, what: str, report: dict) -> bool:
+    """True (and noted in the report) if `what`, expected to take `expected_s`, would end past
     --budget-s."""
-    left = args.budget_s - (time.perf_counter() - started)
-    if longest_s <= left:
+    left = stages.left(args.budget_s)
+    if expected_s <= left:
         return False
-    note = f"skipped {what}: would take ~{longest_s:.0f} s, {max(left, 0):.0f} s of --budget-s left"
-    print(note, flush=True)
+    note = f"skipped {what}: would take ~{expected_s:.0f} s, {left:.0f} s of --budget-s left"
+    stages.say(note)
     report["skipped"].append(note)
     return True
 
 
 def run_arms(names: list[str], args, extra: list[str], report: dict, env: dict,
-             root: pathlib.Path, started: float) -> str:
-    """Trains each arm in turn (none started that would end past --budget-s, judged by the
-    longest run so far); -> the markdown of the throughput and ratio tables."""
+             root: pathlib.Path, stages: Stages) -> str:
+    """Trains each arm in turn, its output streamed: none started that its estimate or the
+    longest run so far says would end past --budget-s, and one still running at the budget's
+    end stopped; -> the markdown of the throughput and ratio tables."""
     markdown = ""
     for name in names:
         walls = [r["wall_s"] for r in report["throughput"].values()]
-        if over_budget(args, started, max(walls, default=0.0), name, report):
+        estimate = 0.0 if args.smoke else report["estimates_s"][name]  # H200 seconds
+        expected = max([estimate, *walls])
+        if over_budget(args, stages, expected, name, report):
             continue
         config, overrides = arm_command(name, args.smoke)
         overrides += extra
-        result = trainer_throughput(config, root / name, args.steps, overrides, env)
-        print(result.pop("header"), flush=True)
+        log = None if args.out is None else args.out / f"bench_model_{name}.log"
+        try:
+            with stages.stage(f"run {name}", expected):
+                result = trainer_throughput(
+                    config, root / name, args.steps, overrides, env, prefix=f"  {name}| ",
+                    log_path=log, timeout_s=None if math.isinf(args.budget_s)
+                    else max(stages.left(args.budget_s), 1.0))
+        except TrainerCutOff as cut:
+            report["skipped"].append(f"cut {name} at the end of --budget-s: {cut}")
+            write(args.out, report, markdown)
+            break
+        except SystemExit as failed:  # the report keeps the runs before it, and why it stopped
+            report["failed"] = f"{name}: {str(failed)[-2000:]}"
+            write(args.out, report, markdown)
+            raise
+        del result["header"]  # already printed with the trainer's lines
         report["throughput"][name] = {"config": config, "overrides": overrides, **result}
         report["ratios"] = ratios(report["throughput"])
         markdown = (f"## Training throughput ({args.steps} steps per model)\n\n"
@@ -167,7 +224,6 @@ def run_profile(args, extra: list[str], report: dict, env: dict, root: pathlib.P
     import jax
 
     from experiments.step_profile import profile_table, profile_train_step
-    from nsa_jax.train import parse_train_args
 
     for key, value in env.items():  # the trainers' compilation cache
         jax.config.update(key.lower(), value if key.endswith("DIR") else int(value))
@@ -196,10 +252,13 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--profile-model", default="nsa_8k", help="'' to skip the profile")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=540.0,
-                        help="start no run or profile that would end past this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="overall seconds, the first run included: start no run or "
+                        "profile expected to end past it, stop a run still going at its end "
+                        "(default 540; none with --smoke, whose runs are judged by their "
+                        "measured times only)")
     parser.add_argument("--smoke", action="store_true",
-                        help="CPU, toy sizes, 6 steps, no --budget-s")
+                        help="CPU, toy sizes, 6 steps")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args, extra = parser.parse_known_args()
@@ -208,23 +267,33 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(ARMS)}")
     if args.smoke:
-        args.steps, args.budget_s = 6, math.inf
-    started = time.perf_counter()
-    report = {"argv": sys.argv[1:], "throughput": {}, "ratios": [], "skipped": []}
+        args.steps = 6
+    if args.budget_s is None:
+        args.budget_s = math.inf if args.smoke else 540.0
+    stages = Stages("bench_model")
+    estimates = {name: run_estimate_s(name, args, extra) for name in names}
+    report = {"argv": sys.argv[1:], "plan": plan(names, estimates, args),
+              "estimates_s": estimates, "throughput": {}, "ratios": [], "skipped": []}
+    stages.say(report["plan"])
+    write(args.out, report, report["plan"])
     with tempfile.TemporaryDirectory() as root:
         env = compilation_cache(pathlib.Path(root))
-        markdown = run_arms(names, args, extra, report, env, pathlib.Path(root), started)
+        platform = {} if args.smoke else {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cuda")}
+        markdown = run_arms(names, args, extra, report, {**env, **platform}, pathlib.Path(root),
+                            stages)
         profiled = report["throughput"].get(args.profile_model, {})
-        if args.profile_model and not over_budget(args, started, profiled.get("wall_s", 0.0),
-                                                  "the profile", report):
-            profile = run_profile(args, extra, report, env, pathlib.Path(root))
+        expected = profiled.get("wall_s", STARTUP_S)
+        if args.profile_model and not over_budget(args, stages, expected, "the profile", report):
+            with stages.stage(f"profile of {args.profile_model}", expected):
+                profile = run_profile(args, extra, report, env, pathlib.Path(root))
             print(profile, flush=True)
             markdown += "\n\n" + profile
     if report["skipped"]:
         markdown += "\n\n" + "\n".join(f"* {note}" for note in report["skipped"])
-    report["wall_s"] = time.perf_counter() - started
+    report["wall_s"] = stages.elapsed()
     write(args.out, report, markdown)
-    print(f"bench_model: {report['wall_s']:.0f} s", flush=True)
+    stages.say(f"bench_model: done in {report['wall_s']:.0f} s" +
+               (f"; skipped or cut: {len(report['skipped'])}" if report["skipped"] else ""))
 
 
 if __name__ == "__main__":

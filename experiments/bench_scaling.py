@@ -27,7 +27,7 @@ def run(mesh: tuple[int, int], args, extra: list[str], root: pathlib.Path) -> di
     result = trainer_throughput(args.config, root / f"data{mesh[0]}_fsdp{mesh[1]}", args.steps,
                                 [f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
                                  *extra])
-    print(result["header"], flush=True)
+    del result["header"]  # printed already, with the trainer's other lines
     return {"devices": mesh[0] * mesh[1], "mesh": f"data={mesh[0]} x fsdp={mesh[1]}", **result}
 
 

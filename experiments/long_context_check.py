@@ -18,24 +18,35 @@ row t of the parallel op. Checks, in this order, before any timing: the selected
 (near-ties may flip a few), outputs (and dq, dgates) agree on the rows whose selection agrees,
 dk and dv agree, every output is finite and dq is exactly 0 outside the slices (a wrapped offset
 would write somewhere). Then the median time and the peak device memory of the op.
-Prints a table; with $OUT set, writes $OUT/long_context_check.json and each stage's log.
-Exit status 1 when a stage fails or crashes.
+
+Progress: the plan first (stages, sizes, each stage's share of --budget-s), then a start and an
+end line, stamped with seconds, for every part of a stage (inputs, the op's first call, the
+reference of each slice, timing), streamed from the stage's process as it prints them
+(experiments/streaming.py; its lines prefixed with the stage's name). --budget-s (default 540, for
+a 600 s call: run it under `timeout` of at least --budget-s + 60) covers both stages: each gets
+what is left over the stages still to run, and one still running at its limit is stopped and
+reported as FAIL (stopped). Time on an H200 is unmeasured (the 2026-11-30 calls of 95 and 150 s
+ended with nothing printed, the output having been held back until the end): each stage starts a
+Python, draws 8 GiB (backward) or 16 GiB (forward) of q, compiles the op (and its gradient), then
+the reference, so a stage's first minute or two is mostly compilation.
+Prints a table; with $OUT set, writes $OUT/long_context_check.json after each stage and each
+stage's log line by line. Exit status 1 when a stage fails, crashes or is stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_kernels import median_ms
+from experiments.streaming import Stages, run_streamed
 from nsa_jax import NSAConfig, ops
 
 CFG = NSAConfig()
@@ -66,11 +77,24 @@ def problem(t: int, hq: int, hkv: int, d: int, seed: int = 0):
     return q, k, v, gates
 
 
+SLICES = ("first", "middle", "last")
+
+
+def row_slices(t: int, rows: int) -> dict[str, np.ndarray]:
+    """{"first", "middle", "last": ascending positions}: the first, middle and last `rows`
+    positions of T; when T is small a row in two slices stays in the earlier one (a slice may
+    end up empty and is then left out). Concatenated in order they ascend."""
+    slices, taken = {}, np.zeros(0, np.int64)
+    for name, start in zip(SLICES, (0, t // 2 - rows // 2, t - rows)):
+        part = np.setdiff1d(np.arange(start, start + rows).clip(0, t - 1), taken)
+        if part.size:
+            slices[name], taken = part, np.concatenate([taken, part])
+    return slices
+
+
 def slice_rows(t: int, rows: int) -> np.ndarray:
-    """The first, middle and last `rows` positions (fewer, merged, when T is small)."""
-    middle = t // 2 - rows // 2
-    return np.unique(np.concatenate([np.arange(rows), middle + np.arange(rows),
-                                     t - rows + np.arange(rows)]).clip(0, t - 1))
+    """The rows of every slice, ascending."""
+    return np.concatenate(list(row_slices(t, rows).values()))
 
 
 def kernel_loss(q, k, v, gates, rows, weight):
@@ -103,30 +127,55 @@ def peak_gib() -> float:
     return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
+def reference_by_slice(slices: dict, q, k, v, gates, weight, backward: bool, stages: Stages):
+    """reference_loss's outputs (out, indices, and with `backward` the gradients) over every
+    slice's rows, one slice per call (a start and an end line each, so a long reference shows
+    its progress): -> (out, indices, grads), the rows of all slices in order; dk and dv summed
+    over the slices (the loss is a sum over rows)."""
+    argnums = (0, 1, 2, 3) if backward else ()
+    reference = jax.jit(jax.value_and_grad(reference_loss, argnums=argnums, has_aux=True)
+                        if backward else lambda *a: (reference_loss(*a), None))
+    outs, indices, grads, first = [], [], [], 0
+    for name, part in slices.items():
+        rows = jnp.asarray(part, jnp.int32)
+        with stages.stage(f"reference, {name} slice (rows {part[0]}..{part[-1]})"):
+            (_, (out, index)), grad = jax.block_until_ready(reference(
+                q[:, rows], k, v, gates[:, rows], rows, weight[:, first:first + part.size]))
+        outs.append(out), indices.append(index), grads.append(grad)
+        first += part.size
+    cat = lambda xs: jnp.concatenate(xs, axis=1)
+    if not backward:
+        return cat(outs), cat(indices), None
+    total = lambda i: sum(g[i].astype(jnp.float32) for g in grads)
+    return cat(outs), cat(indices), (cat([g[0] for g in grads]), total(1), total(2),
+                                     cat([g[3] for g in grads]))
+
+
 def run_stage(stage: str, args) -> dict:
     """One stage's record: sizes, errors, checks, ok, then (only if ok) ms and peak GiB."""
+    stages = Stages(stage)
     t = args.length if stage == "backward" else args.forward_length
     hq, d = args.q_heads, args.head_dim
-    q, k, v, gates = problem(t, hq, args.kv_heads, d)
-    rows = jnp.asarray(slice_rows(t, args.rows), jnp.int32)
+    with stages.stage(f"inputs: B=1 T={t} Hq={hq} Hkv={args.kv_heads} D={d} bf16"):
+        q, k, v, gates = jax.block_until_ready(problem(t, hq, args.kv_heads, d))
+    slices = row_slices(t, args.rows)
+    rows = jnp.asarray(np.concatenate(list(slices.values())), jnp.int32)
     weight = jax.random.normal(jax.random.PRNGKey(1), (1, rows.size, hq, d))
-    print(f"{stage}: {jax.devices()[0].device_kind}, B=1 T={t} Hq={hq} Hkv={args.kv_heads} D={d} "
-          f"bf16, {CFG}; backend {ops.backend()}; {rows.size} rows checked", flush=True)
+    stages.say(f"{jax.devices()[0].device_kind}, {CFG}; backend {ops.backend()}; {rows.size} "
+               f"rows checked in {len(slices)} slices")
     record = {"stage": stage, "T": t, "Hq": hq, "Hkv": args.kv_heads, "D": d,
               "rows": int(rows.size), "backend": ops.backend()}
     backward = stage == "backward"
-    argnums = (0, 1, 2, 3) if backward else ()
     kernel = jax.jit(jax.value_and_grad(kernel_loss, argnums=(0, 1, 2, 3), has_aux=True)
                      if backward else lambda *a: (kernel_loss(*a), None))
-    start = time.perf_counter()
-    (_, (out, indices)), grads = jax.block_until_ready(kernel(q, k, v, gates, rows, weight))
-    record["first_call_s"] = round(time.perf_counter() - start, 1)  # compile + run
+    with stages.stage("the op's first call (compilation included)"):
+        start = stages.elapsed()
+        (_, (out, indices)), grads = jax.block_until_ready(kernel(q, k, v, gates, rows, weight))
+        record["first_call_s"] = round(stages.elapsed() - start, 1)
     record["peak_gib"] = round(peak_gib(), 2)  # inputs + the op; before the reference runs
 
-    reference = jax.jit(jax.value_and_grad(reference_loss, argnums=argnums, has_aux=True)
-                        if backward else lambda *a: (reference_loss(*a), None))
-    (_, (want_out, want_indices)), want = reference(q[:, rows], k, v, gates[:, rows], rows,
-                                                    weight)
+    want_out, want_indices, want = reference_by_slice(slices, q, k, v, gates, weight, backward,
+                                                      stages)
     same = np.all(np.asarray(indices) == np.asarray(want_indices), axis=-1)  # [1, R, Hkv]
     agree = same.all(axis=-1)[0]  # rows whose every KV head selected the same blocks
     on_rows = lambda x: np.asarray(x[0, rows])[agree]
@@ -141,35 +190,36 @@ def run_stage(stage: str, args) -> dict:
     record["ok"] = bool(all(e < TOLERANCE for e in errors.values()) and agree.any()
                         and record["flipped"] <= MAX_FLIPPED and record["finite"]
                         and record.get("dq_zero_elsewhere", True))
-    print(f"{stage}: {json.dumps(record)}", flush=True)
+    stages.say(f"checks: {json.dumps(record)}")
     if record["ok"]:
         del out, grads, want  # timing needs room for one more call's outputs
-        timed = jax.jit(kernel_loss if not backward else
-                        jax.value_and_grad(kernel_loss, argnums=(0, 1, 2, 3), has_aux=True))
-        record["ms"] = round(median_ms(timed, q, k, v, gates, rows, weight,
-                                       iters=args.repeats, warmup=1), 1)
+        # the compiled first call again: a new jit of the same function would compile it anew
+        with stages.stage(f"timing: {args.repeats} call(s) after one warm-up"):
+            record["ms"] = round(median_ms(kernel, q, k, v, gates, rows, weight,
+                                           iters=args.repeats, warmup=1), 1)
         record["peak_gib"] = round(peak_gib(), 2)
     return record
 
 
-def _stage_in_subprocess(stage: str, args, out_dir: pathlib.Path | None) -> dict:
-    """Runs `--stage stage` in a fresh Python; its last stdout line is the record's JSON."""
+def _stage_in_subprocess(stage: str, args, out_dir: pathlib.Path | None,
+                         timeout_s: float | None) -> dict:
+    """Runs `--stage stage` in a fresh Python, its output streamed (and logged to out_dir line
+    by line), stopped after timeout_s; its last stdout line is the record's JSON."""
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
              if name in SMOKE]
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
                                                                     os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "experiments.long_context_check",
-                           "--stage", stage, *flags], cwd=root, env=env, capture_output=True,
-                          text=True)
-    log = done.stdout + done.stderr
-    if out_dir is not None:
-        (out_dir / f"long_context_{stage}.log").write_text(log)
+    done = run_streamed([sys.executable, "-m", "experiments.long_context_check", "--stage",
+                         stage, *flags], cwd=root, env=env, prefix=f"  {stage}| ",
+                        log_path=None if out_dir is None else out_dir / f"long_context_{stage}.log",
+                        timeout_s=timeout_s)
     lines = done.stdout.strip().splitlines()
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
-    tail = " | ".join(log.strip().splitlines()[-3:])
-    return {"stage": stage, "ok": False, "crashed": f"exit {done.returncode}: {tail[-400:]}"}
+    tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+    why = f"stopped at its {timeout_s:.0f} s limit" if done.timed_out else f"exit {done.returncode}"
+    return {"stage": stage, "ok": False, "crashed": f"{why}: {tail[-400:]}"}
 
 
 def table(records: list[dict]) -> str:
@@ -193,11 +243,18 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="overall seconds for both stages; a stage gets what is left over "
+                        "the stages still to run (default 540; none with --smoke)")
     parser.add_argument("--smoke", action="store_true", help=f"CPU sizes: {SMOKE}")
     parser.add_argument("--stage", choices=STAGES, help="run one stage here (internal)")
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
+    if args.budget_s is None:
+        args.budget_s = math.inf if args.smoke else 540.0
+    if not args.budget_s > 0:
+        parser.error(f"--budget-s must be > 0, got {args.budget_s}")
     return args
 
 
@@ -207,12 +264,27 @@ def main(argv=None) -> int:
         print(json.dumps(run_stage(args.stage, args)))
         return 0
     out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
-    records = [_stage_in_subprocess(stage, args, out_dir) for stage in STAGES]
-    print(table(records))
     if out_dir is not None:
-        (out_dir / "long_context_check.json").write_text(json.dumps(records, indent=1))
+        out_dir.mkdir(parents=True, exist_ok=True)
+    stages = Stages("long_context_check")
+    stages.say(f"plan: stage backward (fwd+bwd at T={args.length}), then stage forward (T="
+               f"{args.forward_length}), each in its own Python; B=1 Hq={args.q_heads} "
+               f"Hkv={args.kv_heads} D={args.head_dim}, {args.rows} rows per slice; --budget-s "
+               f"{args.budget_s:.0f}, each stage's limit what is left over the stages to run")
+    records = []
+    for number, stage in enumerate(STAGES):
+        limit = stages.left(args.budget_s) / (len(STAGES) - number)
+        with stages.stage(f"stage {stage}" + ("" if math.isinf(limit) else
+                                               f" (limit {limit:.0f} s)")):
+            records.append(_stage_in_subprocess(stage, args, out_dir,
+                                                None if math.isinf(limit) else max(limit, 1.0)))
+        stages.say(f"{stage}: {'PASS' if records[-1]['ok'] else 'FAIL'}")
+        if out_dir is not None:  # what is known so far, should a later stage be killed
+            (out_dir / "long_context_check.json").write_text(json.dumps(records, indent=1))
+    print(table(records), flush=True)
     ok = all(r["ok"] for r in records)
-    print("PASS" if ok else "FAIL: see the table (a crash's log is under $OUT when set)")
+    print("PASS" if ok else "FAIL: see the table (a crash's log is under $OUT when set)",
+          flush=True)
     return 0 if ok else 1
 
 

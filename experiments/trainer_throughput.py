@@ -12,9 +12,9 @@ import os
 import pathlib
 import re
 import statistics
-import subprocess
 import sys
-import time
+
+from experiments.streaming import run_streamed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIRST_STEP = re.compile(r"compiled and ran the first step in ([\d.]+) s")  # the trainer's line
@@ -34,18 +34,30 @@ def log_every(steps: int) -> int:
     return max(steps // 3, 1)
 
 
+class TrainerCutOff(TimeoutError):
+    """The trainer was stopped at its time limit before it finished."""
+
+
 def trainer_throughput(config: str, workdir: pathlib.Path, steps: int, overrides=(),
-                       env: dict | None = None) -> dict:
+                       env: dict | None = None, *, prefix: str = "",
+                       log_path: pathlib.Path | None = None,
+                       timeout_s: float | None = None) -> dict:
     """Trains `config` (a config file path, relative to the repository or absolute) for `steps`
     steps in `workdir` (fresh) with `overrides` (--config.key=value strings, after the shrinking
     ones so they win) -> {"tokens_per_s", "loss", "val_loss", "peak_memory_gib" (GPU only, else
     None), "first_step_s" (compilation and the first step), "wall_s", "header"}; `env` entries
-    are added to the trainer's environment. Exits with the trainer's output tail if it fails."""
+    are added to the trainer's environment. The trainer's output is printed line by line as it
+    comes, after `prefix`, and written to `log_path` (experiments/streaming.py). Raises
+    TrainerCutOff if it runs past `timeout_s` seconds; exits with its output tail if it fails."""
     command = [sys.executable, "-m", "nsa_jax.train", "--config", str(config),
                "--workdir", str(workdir), *shrunk_overrides(steps), *overrides]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                          env=None if env is None else {**os.environ, **env})
+    print(f"{prefix}$ {' '.join(command)}", flush=True)
+    done = run_streamed(command, cwd=REPO, env={**os.environ, **(env or {})}, prefix=prefix,
+                        log_path=log_path, timeout_s=timeout_s)
+    if done.timed_out:
+        raise TrainerCutOff(f"{config} stopped at its {timeout_s:.0f} s limit (ran "
+                            f"{done.wall_s:.0f} s); its last lines: "
+                            f"{' | '.join(done.stdout.splitlines()[-3:])}")
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -57,4 +69,4 @@ def trainer_throughput(config: str, workdir: pathlib.Path, steps: int, overrides
             "val_loss": [r for r in records if "val_loss" in r][-1]["val_loss"],
             "peak_memory_gib": train[-1].get("peak_memory_gib"),
             "first_step_s": float(first[1]) if (first := FIRST_STEP.search(done.stdout)) else None,
-            "wall_s": time.perf_counter() - started, "header": done.stdout.splitlines()[0]}
+            "wall_s": done.wall_s, "header": next(iter(done.stdout.splitlines()), "")}

@@ -84,3 +84,20 @@ def test_smoke_runs_every_model_and_the_profile(tmp_path):
     assert (tmp_path / "step_trace.json.gz").stat().st_size > 0
     markdown = (tmp_path / "bench_model.md").read_text()
     assert "Training throughput" in markdown and "device time goes" in markdown
+
+
+def test_the_budget_covers_the_first_run_and_its_output_is_streamed(tmp_path):
+    """--budget-s 5 cannot hold even a toy trainer's start-up: the first run is stopped at the
+    budget's end and reported as cut, the next one not started, and what the trainer printed
+    before the stop is in the parent's output and its log under $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "experiments/bench_model.py", "--smoke", "--models",
+                           "nsa_8k,full_8k_packed", "--profile-model", "", "--budget-s", "5"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    report = json.loads((tmp_path / "bench_model.json").read_text())
+    assert report["throughput"] == {} and report["plan"].startswith("plan: 2 trainer run(s)")
+    assert len(report["skipped"]) == 1 and report["skipped"][0].startswith("cut nsa_8k")
+    assert "start run nsa_8k" in done.stdout and "stopping it (SIGTERM)" in done.stdout
+    assert "nsa_8k| $ " in done.stdout and "full_8k_packed|" not in done.stdout
+    assert (tmp_path / "bench_model_nsa_8k.log").exists()

@@ -4,6 +4,7 @@ one (so its check can fail)."""
 import json
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import long_context_check
@@ -41,3 +42,25 @@ def test_random_normal_in_chunks_matches_shape_and_varies(monkeypatch):
     assert x.shape == (1, 32, 2, 4) and x.dtype == jnp.bfloat16
     rows = x.reshape(32, 8).astype(jnp.float32)
     assert not bool(jnp.all(rows[:8] == rows[8:16]))  # chunks draw different values
+
+
+@pytest.mark.parametrize("t, rows", [(384, 8), (20, 8), (5, 8), (1000, 1)])
+def test_row_slices_are_disjoint_and_ascend(t, rows):
+    slices = long_context_check.row_slices(t, rows)
+    joined = np.concatenate(list(slices.values()))
+    expected = np.unique(np.concatenate([np.arange(rows), t // 2 - rows // 2 + np.arange(rows),
+                                         t - rows + np.arange(rows)]).clip(0, t - 1))
+    np.testing.assert_array_equal(joined, expected)  # every row once, in order
+    assert list(slices)[0] == "first" and all(part.size for part in slices.values())
+
+
+def test_stages_past_the_budget_are_stopped_and_reported(tmp_path, monkeypatch, capsys):
+    """--budget-s 4: each stage's Python gets 2 s, too little to import JAX and compile; both
+    are stopped, reported as FAIL, and the JSON under $OUT holds both records."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert long_context_check.main(["--smoke", "--budget-s", "4"]) == 1
+    records = json.loads((tmp_path / "long_context_check.json").read_text())
+    assert [r["stage"] for r in records] == ["backward", "forward"]
+    assert all(not r["ok"] and r["crashed"].startswith("stopped at its") for r in records)
+    out = capsys.readouterr().out
+    assert "start stage backward (limit 2 s)" in out and "stopping it (SIGTERM)" in out
