@@ -125,10 +125,15 @@ def test_selected_kernel_matches_oracle(key, no_races, b, t, hq, hkv, dk, dv, pa
 
 
 def _chosen(op: str, implementation, on: str, dtype=jnp.bfloat16):
-    """What dispatch runs for q, k, v of head dim 16 (the Hopper kernels' conditions read all
-    three; 16 is below every Mosaic GPU kernel's head dims)."""
+    """What dispatch runs for the op's whole argument list at head dim 16 (the Hopper kernels'
+    conditions read every argument; 16 is below every Mosaic GPU kernel's head dims)."""
     q, kv = jnp.zeros((1, 64, 2, 16), dtype), jnp.zeros((1, 64, 1, 16), dtype)
-    return dispatch.load(dispatch.choose(op, implementation, (q, kv, kv), {}, on=on))
+    if op == "selected_attention":
+        indices = jnp.zeros((1, 64, 1, SMALL.num_selected), jnp.int32)
+        args = (q, kv, kv, indices, SMALL)
+    else:
+        args = (q, kv, kv, SMALL)
+    return dispatch.load(dispatch.choose(op, implementation, args, {}, on=on))
 
 
 def test_cpu_backend_keeps_the_tpu_kernels_out():
